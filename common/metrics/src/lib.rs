@@ -1,0 +1,171 @@
+//! Metrics plumbing shared by every fireflyer daemon.
+//!
+//! Each daemon owns one [`prometheus::Registry`] (never the process-global default, so several
+//! daemons can live in one test process without their series colliding) and serves it as text
+//! at `GET /metrics` with [`MetricsServer`]. `GET /healthz` answers `ok` for liveness probes.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use prometheus;
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The listen address could not be bound.
+    #[error("cannot listen for /metrics on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A metric could not be registered (usually a duplicate name).
+    #[error("cannot register metric: {0}")]
+    Register(#[from] prometheus::Error),
+}
+
+/// A running `/metrics` HTTP endpoint. Dropping it stops the server.
+#[derive(Debug)]
+pub struct MetricsServer {
+    local_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Binds `addr` (port 0 picks a free one) and serves `registry` on it.
+    pub async fn start(addr: &str, registry: Registry) -> Result<Self, MetricsError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| MetricsError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| MetricsError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let app = Router::new()
+            .route("/metrics", get(render))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .with_state(registry);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(error) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::warn!(%error, "metrics endpoint stopped");
+            }
+        });
+        Ok(MetricsServer {
+            local_addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// The address the endpoint listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops the endpoint and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn render(State(registry): State<Registry>) -> impl IntoResponse {
+    let encoder = TextEncoder::new();
+    let mut body = Vec::new();
+    match encoder.encode(&registry.gather(), &mut body) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, encoder.format_type().to_string())],
+            body,
+        ),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain".to_string())],
+            format!("cannot encode metrics: {error}\n").into_bytes(),
+        ),
+    }
+}
+
+/// Renders `registry` in the Prometheus text format (what `/metrics` serves).
+pub fn render_text(registry: &Registry) -> String {
+    let mut body = Vec::new();
+    // Encoding into a Vec cannot fail for well-formed metric families.
+    if TextEncoder::new().encode(&registry.gather(), &mut body).is_err() {
+        return String::new();
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn http_get(addr: SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn serves_the_registry_it_was_given() {
+        let registry = Registry::new();
+        let counter = prometheus::IntCounter::new("test_things_total", "things").unwrap();
+        registry.register(Box::new(counter.clone())).unwrap();
+        counter.inc_by(3);
+
+        let server = MetricsServer::start("127.0.0.1:0", registry.clone())
+            .await
+            .unwrap();
+        let body = http_get(server.local_addr(), "/metrics").await;
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        assert!(body.contains("test_things_total 3"), "{body}");
+        assert!(http_get(server.local_addr(), "/healthz").await.contains("ok"));
+        assert!(render_text(&registry).contains("test_things_total 3"));
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_is_a_clear_error() {
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = holder.local_addr().unwrap().to_string();
+        let err = MetricsServer::start(&addr, Registry::new()).await.unwrap_err();
+        assert!(err.to_string().contains(&addr), "{err}");
+    }
+}

@@ -71,7 +71,11 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
 }
 
 /// Dotted keys present in `expected` but absent from `actual` (recursing into tables).
-pub(crate) fn missing_keys(expected: &toml::Table, actual: &toml::Table, prefix: &str) -> Vec<String> {
+pub(crate) fn missing_keys(
+    expected: &toml::Table,
+    actual: &toml::Table,
+    prefix: &str,
+) -> Vec<String> {
     let mut missing = Vec::new();
     for (key, value) in expected {
         let path = if prefix.is_empty() {
@@ -124,8 +128,8 @@ mod tests {
     #[test]
     fn override_through_a_value_is_an_error() {
         let mut table: toml::Table = "raft = 3\n".parse().unwrap();
-        let err = apply_overrides(&mut table, "FF", vars(&[("FF__RAFT__NODE_ID", "7")]))
-            .unwrap_err();
+        let err =
+            apply_overrides(&mut table, "FF", vars(&[("FF__RAFT__NODE_ID", "7")])).unwrap_err();
         assert!(err.to_string().contains("FF__RAFT__NODE_ID"), "{err}");
     }
 

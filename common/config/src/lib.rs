@@ -112,15 +112,20 @@ pub fn load_from_str<C: DaemonConfig>(
     origin: &str,
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<C, ConfigError> {
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-        origin: origin.to_string(),
-        message: e.to_string(),
-    })?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
     let overridden = env::apply_overrides(&mut table, C::ENV_PREFIX, vars)?;
     let origin = if overridden.is_empty() {
         origin.to_string()
     } else {
-        format!("{origin} with environment overrides {}", overridden.join(", "))
+        format!(
+            "{origin} with environment overrides {}",
+            overridden.join(", ")
+        )
     };
     // Defaults come from `#[serde(default)]` on the structs, so an empty file is a valid config.
     let config: C = toml::Value::Table(table)
@@ -152,10 +157,7 @@ where
     let defaults: toml::Table = default_text.parse().map_err(|e| format!("{e}"))?;
     let missing = env::missing_keys(&defaults, &template, "");
     if !missing.is_empty() {
-        return Err(format!(
-            "template does not mention: {}",
-            missing.join(", ")
-        ));
+        return Err(format!("template does not mention: {}", missing.join(", ")));
     }
     Ok(())
 }

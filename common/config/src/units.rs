@@ -89,7 +89,12 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (name, multiplier) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        for (name, multiplier) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
             if self.0 >= multiplier && self.0 % multiplier == 0 {
                 return write!(f, "{}{}", self.0 / multiplier, name);
             }
@@ -190,9 +195,24 @@ mod tests {
     #[test]
     fn bad_sizes_are_rejected_with_a_reason() {
         assert!("".parse::<ByteSize>().unwrap_err().contains("no number"));
-        assert!("12 parsecs".parse::<ByteSize>().unwrap_err().contains("unknown size unit"));
-        assert!("99999999999TiB".parse::<ByteSize>().unwrap_err().contains("too large"));
-        assert!("1.2.3MiB".parse::<ByteSize>().unwrap_err().contains("not a number"));
+        assert!(
+            "12 parsecs"
+                .parse::<ByteSize>()
+                .unwrap_err()
+                .contains("unknown size unit")
+        );
+        assert!(
+            "99999999999TiB"
+                .parse::<ByteSize>()
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(
+            "1.2.3MiB"
+                .parse::<ByteSize>()
+                .unwrap_err()
+                .contains("not a number")
+        );
     }
 
     #[test]

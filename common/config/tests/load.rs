@@ -1,6 +1,8 @@
 //! Loading a small daemon config end to end: file, environment, validation, template.
 
-use ff_config::{ByteSize, ConfigError, DaemonConfig, Duration, check_template, ensure, load_from_str};
+use ff_config::{
+    ByteSize, ConfigError, DaemonConfig, Duration, check_template, ensure, load_from_str,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,7 +52,11 @@ max_clients = 8
 "#;
 
     fn validate(&self) -> Result<(), ConfigError> {
-        ensure(self.limits.max_clients > 0, "limits.max_clients", "must be at least 1")
+        ensure(
+            self.limits.max_clients > 0,
+            "limits.max_clients",
+            "must be at least 1",
+        )
     }
 }
 
@@ -82,7 +88,10 @@ fn unknown_field_is_named_in_the_error() {
     let err = load_from_str::<Example>("[limits]\nmax_clientz = 3\n", "cfg.toml", no_env())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("max_clientz") && err.contains("cfg.toml"), "{err}");
+    assert!(
+        err.contains("max_clientz") && err.contains("cfg.toml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -106,12 +115,19 @@ fn environment_overrides_the_file_and_is_validated() {
     assert_eq!(config.timeout, Duration::secs(60));
 
     let env = vec![("EXAMPLE__LIMITS__MAX_CLIENTS".to_string(), "0".to_string())];
-    let err = load_from_str::<Example>("", "test", env).unwrap_err().to_string();
+    let err = load_from_str::<Example>("", "test", env)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("limits.max_clients"), "{err}");
 
     let env = vec![("EXAMPLE__NOPE".to_string(), "1".to_string())];
-    let err = load_from_str::<Example>("", "test", env).unwrap_err().to_string();
-    assert!(err.contains("nope") && err.contains("EXAMPLE__NOPE"), "{err}");
+    let err = load_from_str::<Example>("", "test", env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nope") && err.contains("EXAMPLE__NOPE"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -123,7 +123,10 @@ async fn render(State(registry): State<Registry>) -> impl IntoResponse {
 pub fn render_text(registry: &Registry) -> String {
     let mut body = Vec::new();
     // Encoding into a Vec cannot fail for well-formed metric families.
-    if TextEncoder::new().encode(&registry.gather(), &mut body).is_err() {
+    if TextEncoder::new()
+        .encode(&registry.gather(), &mut body)
+        .is_err()
+    {
         return String::new();
     }
     String::from_utf8_lossy(&body).into_owned()
@@ -156,7 +159,11 @@ mod tests {
         let body = http_get(server.local_addr(), "/metrics").await;
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         assert!(body.contains("test_things_total 3"), "{body}");
-        assert!(http_get(server.local_addr(), "/healthz").await.contains("ok"));
+        assert!(
+            http_get(server.local_addr(), "/healthz")
+                .await
+                .contains("ok")
+        );
         assert!(render_text(&registry).contains("test_things_total 3"));
         server.shutdown().await;
     }
@@ -165,7 +172,9 @@ mod tests {
     async fn a_taken_port_is_a_clear_error() {
         let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = holder.local_addr().unwrap().to_string();
-        let err = MetricsServer::start(&addr, Registry::new()).await.unwrap_err();
+        let err = MetricsServer::start(&addr, Registry::new())
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains(&addr), "{err}");
     }
 }

@@ -147,7 +147,11 @@ impl RaftConfig {
     pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
         let field = |name: &str| format!("{prefix}.{name}");
         ensure(self.node_id != 0, &field("node_id"), "must not be 0")?;
-        ensure(!self.cluster.is_empty(), &field("cluster"), "must not be empty")?;
+        ensure(
+            !self.cluster.is_empty(),
+            &field("cluster"),
+            "must not be empty",
+        )?;
         ensure(
             !self.data_dir.as_os_str().is_empty(),
             &field("data_dir"),
@@ -156,7 +160,11 @@ impl RaftConfig {
         check_addr(&self.advertise_addr, &field("advertise_addr"))?;
         let mut ids = std::collections::HashSet::new();
         for member in &self.initial_members {
-            ensure(member.id != 0, &field("initial_members"), "member id 0 is invalid")?;
+            ensure(
+                member.id != 0,
+                &field("initial_members"),
+                "member id 0 is invalid",
+            )?;
             ensure(
                 ids.insert(member.id),
                 &field("initial_members"),
@@ -179,40 +187,98 @@ impl RaftConfig {
             &field("tick_interval"),
             "must be at least 1ms",
         )?;
-        ensure(self.heartbeat_ticks >= 1, &field("heartbeat_ticks"), "must be at least 1")?;
+        ensure(
+            self.heartbeat_ticks >= 1,
+            &field("heartbeat_ticks"),
+            "must be at least 1",
+        )?;
         ensure(
             self.election_ticks > self.heartbeat_ticks,
             &field("election_ticks"),
             format!("must exceed heartbeat_ticks ({})", self.heartbeat_ticks),
         )?;
-        ensure(self.max_size_per_msg.bytes() > 0, &field("max_size_per_msg"), "must not be 0")?;
-        ensure(self.max_inflight_msgs > 0, &field("max_inflight_msgs"), "must not be 0")?;
-        ensure(self.max_pending_proposals > 0, &field("max_pending_proposals"), "must not be 0")?;
-        ensure(self.request_queue_capacity > 0, &field("request_queue_capacity"), "must not be 0")?;
-        ensure(!self.propose_timeout.get().is_zero(), &field("propose_timeout"), "must not be 0")?;
-        ensure(!self.read_timeout.get().is_zero(), &field("read_timeout"), "must not be 0")?;
+        ensure(
+            self.max_size_per_msg.bytes() > 0,
+            &field("max_size_per_msg"),
+            "must not be 0",
+        )?;
+        ensure(
+            self.max_inflight_msgs > 0,
+            &field("max_inflight_msgs"),
+            "must not be 0",
+        )?;
+        ensure(
+            self.max_pending_proposals > 0,
+            &field("max_pending_proposals"),
+            "must not be 0",
+        )?;
+        ensure(
+            self.request_queue_capacity > 0,
+            &field("request_queue_capacity"),
+            "must not be 0",
+        )?;
+        ensure(
+            !self.propose_timeout.get().is_zero(),
+            &field("propose_timeout"),
+            "must not be 0",
+        )?;
+        ensure(
+            !self.read_timeout.get().is_zero(),
+            &field("read_timeout"),
+            "must not be 0",
+        )?;
         ensure(
             self.snapshot_threshold > self.log_retain_entries,
             &field("snapshot_threshold"),
-            format!("must exceed log_retain_entries ({})", self.log_retain_entries),
+            format!(
+                "must exceed log_retain_entries ({})",
+                self.log_retain_entries
+            ),
         )?;
         ensure(
             self.snapshot_chunk_size.bytes() >= 4096,
             &field("snapshot_chunk_size"),
             "must be at least 4KiB",
         )?;
-        ensure(self.dedup_window > 0, &field("dedup_window"), "must not be 0")?;
+        ensure(
+            self.dedup_window > 0,
+            &field("dedup_window"),
+            "must not be 0",
+        )?;
         let t = &self.transport;
-        ensure(t.queue_capacity > 0, &field("transport.queue_capacity"), "must not be 0")?;
-        ensure(t.max_batch_messages > 0, &field("transport.max_batch_messages"), "must not be 0")?;
+        ensure(
+            t.queue_capacity > 0,
+            &field("transport.queue_capacity"),
+            "must not be 0",
+        )?;
+        ensure(
+            t.max_batch_messages > 0,
+            &field("transport.max_batch_messages"),
+            "must not be 0",
+        )?;
         ensure(
             t.max_batch_size >= self.max_size_per_msg,
             &field("transport.max_batch_size"),
-            format!("must be at least max_size_per_msg ({})", self.max_size_per_msg),
+            format!(
+                "must be at least max_size_per_msg ({})",
+                self.max_size_per_msg
+            ),
         )?;
-        ensure(!t.connect_timeout.get().is_zero(), &field("transport.connect_timeout"), "must not be 0")?;
-        ensure(!t.request_timeout.get().is_zero(), &field("transport.request_timeout"), "must not be 0")?;
-        ensure(!t.snapshot_timeout.get().is_zero(), &field("transport.snapshot_timeout"), "must not be 0")?;
+        ensure(
+            !t.connect_timeout.get().is_zero(),
+            &field("transport.connect_timeout"),
+            "must not be 0",
+        )?;
+        ensure(
+            !t.request_timeout.get().is_zero(),
+            &field("transport.request_timeout"),
+            "must not be 0",
+        )?;
+        ensure(
+            !t.snapshot_timeout.get().is_zero(),
+            &field("transport.snapshot_timeout"),
+            "must not be 0",
+        )?;
         Ok(())
     }
 
@@ -243,7 +309,10 @@ mod tests {
         let cases: Vec<(Box<dyn Fn(&mut RaftConfig)>, &str)> = vec![
             (Box::new(|c| c.node_id = 0), "raft.node_id"),
             (Box::new(|c| c.election_ticks = 2), "raft.election_ticks"),
-            (Box::new(|c| c.advertise_addr = "nowhere".into()), "raft.advertise_addr"),
+            (
+                Box::new(|c| c.advertise_addr = "nowhere".into()),
+                "raft.advertise_addr",
+            ),
             (
                 Box::new(|c| c.initial_members.push(c.initial_members[0].clone())),
                 "listed twice",
@@ -252,14 +321,23 @@ mod tests {
                 Box::new(|c| c.initial_members[0].addr = "127.0.0.1:9".into()),
                 "advertises",
             ),
-            (Box::new(|c| c.snapshot_threshold = 10), "raft.snapshot_threshold"),
-            (Box::new(|c| c.transport.queue_capacity = 0), "transport.queue_capacity"),
+            (
+                Box::new(|c| c.snapshot_threshold = 10),
+                "raft.snapshot_threshold",
+            ),
+            (
+                Box::new(|c| c.transport.queue_capacity = 0),
+                "transport.queue_capacity",
+            ),
         ];
         for (mutate, expected) in cases {
             let mut config = RaftConfig::default();
             mutate(&mut config);
             let message = config.validate("raft").unwrap_err().to_string();
-            assert!(message.contains(expected), "{message} should mention {expected}");
+            assert!(
+                message.contains(expected),
+                "{message} should mention {expected}"
+            );
         }
     }
 }

@@ -34,7 +34,9 @@ use crate::node::{GroupStatus, MemberStatus, Role};
 use crate::proto::{MemberContext, SnapshotDescriptor};
 use crate::snapshot;
 use crate::state_machine::ErasedStateMachine;
-use crate::storage::{AppliedResult, ConfOutcome, LogStore, MemberUpdate, RaftStorage, WriteBatch, WriteOutcome};
+use crate::storage::{
+    AppliedResult, ConfOutcome, LogStore, MemberUpdate, RaftStorage, WriteBatch, WriteOutcome,
+};
 use crate::transport::{PeerEvent, Transport};
 
 /// Most queued events or requests handled per loop turn before the loop looks at `Ready`.
@@ -249,7 +251,8 @@ impl Driver {
         if let Some(file) = incoming_file {
             // raft keeps a snapshot it accepted until the next Ready installs it; the file of
             // one it refused (stale, or from an old term) is useless.
-            let accepted = self.raw.snap().and_then(snapshot_file).as_deref() == Some(file.as_str());
+            let accepted =
+                self.raw.snap().and_then(snapshot_file).as_deref() == Some(file.as_str());
             if !accepted {
                 let _ = std::fs::remove_file(self.store.snapshot_dir().join(&file));
             }
@@ -307,7 +310,9 @@ impl Driver {
         if let Some(old) = self.pending.insert(index, Pending { term, waiter }) {
             old.waiter.fail(RaftError::LeadershipLost);
         }
-        self.metrics.pending_proposals.set(self.pending.len() as i64);
+        self.metrics
+            .pending_proposals
+            .set(self.pending.len() as i64);
     }
 
     fn issue_reads(&mut self) {
@@ -338,7 +343,11 @@ impl Driver {
 
     fn on_read_states(&mut self, states: Vec<ReadState>) {
         for state in states {
-            if let Some(position) = self.reads_in_flight.iter().position(|b| b.ctx == state.request_ctx) {
+            if let Some(position) = self
+                .reads_in_flight
+                .iter()
+                .position(|b| b.ctx == state.request_ctx)
+            {
                 let batch = self.reads_in_flight.swap_remove(position);
                 for waiter in batch.waiters {
                     self.reads_waiting_apply.push((state.index, waiter));
@@ -442,7 +451,9 @@ impl Driver {
                             Err(error) => ConfOutcome::Rejected(error.to_string()),
                         }
                     }
-                    Err(error) => ConfOutcome::Rejected(format!("undecodable conf change: {error}")),
+                    Err(error) => {
+                        ConfOutcome::Rejected(format!("undecodable conf change: {error}"))
+                    }
                 },
                 EntryType::EntryConfChangeV2 => match ConfChangeV2::parse_from_bytes(&entry.data) {
                     Ok(change) => match self.raw.apply_conf_change(&change) {
@@ -452,7 +463,9 @@ impl Driver {
                         },
                         Err(error) => ConfOutcome::Rejected(error.to_string()),
                     },
-                    Err(error) => ConfOutcome::Rejected(format!("undecodable conf change: {error}")),
+                    Err(error) => {
+                        ConfOutcome::Rejected(format!("undecodable conf change: {error}"))
+                    }
                 },
                 EntryType::EntryNormal => continue,
             };
@@ -473,14 +486,24 @@ impl Driver {
     fn after_write(&mut self, outcome: WriteOutcome) {
         if let Some(time) = outcome.sync_time {
             self.metrics.fsync_seconds.observe(time.as_secs_f64());
-            self.metrics.write_batch_entries.observe(outcome.appended as f64);
+            self.metrics
+                .write_batch_entries
+                .observe(outcome.appended as f64);
         }
         if !outcome.applied.is_empty() {
-            self.metrics.apply_batch_entries.observe(outcome.applied.len() as f64);
+            self.metrics
+                .apply_batch_entries
+                .observe(outcome.applied.len() as f64);
         }
         if outcome.compacted {
             self.metrics.compactions.inc();
         }
+        if let Some(members) = outcome.members {
+            self.transport.set_members(&members);
+            self.members = members;
+        }
+        // Whoever gets an answer below must already see its entry in the status.
+        self.publish_status();
         let mut last_applied = None;
         for applied in outcome.applied {
             last_applied = Some(applied.index);
@@ -518,11 +541,9 @@ impl Driver {
             for (_, p) in overwritten {
                 p.waiter.fail(RaftError::LeadershipLost);
             }
-            self.metrics.pending_proposals.set(self.pending.len() as i64);
-        }
-        if let Some(members) = outcome.members {
-            self.transport.set_members(&members);
-            self.members = members;
+            self.metrics
+                .pending_proposals
+                .set(self.pending.len() as i64);
         }
     }
 
@@ -554,19 +575,22 @@ impl Driver {
         let cluster = self.config.cluster.clone();
         let results = self.snapshot_results_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let result = snapshot::generate(store.db(), sm.as_ref(), store.snapshot_dir(), &cluster);
+            let result =
+                snapshot::generate(store.db(), sm.as_ref(), store.snapshot_dir(), &cluster);
             let _ = results.blocking_send(result);
         });
     }
 
-    fn on_snapshot_generated(
-        &mut self,
-        result: GeneratedSnapshot,
-    ) {
+    fn on_snapshot_generated(&mut self, result: GeneratedSnapshot) {
         self.generating_snapshot = false;
         match result {
             Ok((metadata, descriptor)) => {
-                tracing::info!(node = self.id, index = metadata.index, bytes = descriptor.size, "snapshot generated");
+                tracing::info!(
+                    node = self.id,
+                    index = metadata.index,
+                    bytes = descriptor.size,
+                    "snapshot generated"
+                );
                 self.metrics.snapshots_generated.inc();
                 self.store.set_latest_snapshot(metadata, descriptor);
             }
@@ -601,7 +625,8 @@ impl Driver {
                 0
             },
         };
-        let mut members: Vec<MemberStatus> = conf.voters.iter().map(|id| member(*id, true)).collect();
+        let mut members: Vec<MemberStatus> =
+            conf.voters.iter().map(|id| member(*id, true)).collect();
         members.extend(conf.learners.iter().map(|id| member(*id, false)));
         members.sort_by_key(|m| m.id);
         let status = GroupStatus {
@@ -668,19 +693,24 @@ impl Driver {
                 Command::TransferLeader { .. } => {}
             }
         }
-        self.status.send_modify(|status| status.role = Role::Stopped);
+        self.status
+            .send_modify(|status| status.role = Role::Stopped);
     }
 }
 
 fn snapshot_file(snapshot: &Snapshot) -> Option<String> {
-    SnapshotDescriptor::decode(snapshot.get_data()).ok().map(|d| d.file)
+    SnapshotDescriptor::decode(snapshot.get_data())
+        .ok()
+        .map(|d| d.file)
 }
 
 fn member_update(change: &ConfChange) -> MemberUpdate {
     match change.get_change_type() {
         ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
             match MemberContext::decode(change.context.as_ref()) {
-                Ok(context) if !context.addr.is_empty() => MemberUpdate::Add(change.node_id, context.addr),
+                Ok(context) if !context.addr.is_empty() => {
+                    MemberUpdate::Add(change.node_id, context.addr)
+                }
                 _ => MemberUpdate::Unchanged,
             }
         }

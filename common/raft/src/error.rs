@@ -91,9 +91,7 @@ impl From<RaftError> for Status {
             RaftError::NoLeader(_)
             | RaftError::LeadershipLost
             | RaftError::MembershipBusy
-            | RaftError::Stopped(_) => {
-                Status::unavailable(message)
-            }
+            | RaftError::Stopped(_) => Status::unavailable(message),
             RaftError::Forward { retryable, .. } => {
                 if retryable {
                     Status::unavailable(message)

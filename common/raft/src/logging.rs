@@ -2,7 +2,7 @@
 
 use std::fmt::{self, Write as _};
 
-use slog::{Drain, Key, Level, OwnedKVList, Record, Serializer, KV};
+use slog::{Drain, KV, Key, Level, OwnedKVList, Record, Serializer};
 
 /// A slog drain that emits every record as a `tracing` event with target `raft`.
 pub(crate) struct TracingDrain;

@@ -1,8 +1,6 @@
 //! Prometheus series of one raft node, registered in the daemon's own registry.
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// The metrics of one raft node.
 #[derive(Clone)]
@@ -58,10 +56,19 @@ impl RaftMetrics {
         Ok(RaftMetrics {
             term: gauge("raft_term", "Current raft term")?,
             commit_index: gauge("raft_commit_index", "Highest log index known committed")?,
-            applied_index: gauge("raft_applied_index", "Highest log index applied to the state machine")?,
+            applied_index: gauge(
+                "raft_applied_index",
+                "Highest log index applied to the state machine",
+            )?,
             last_index: gauge("raft_last_index", "Highest log index stored")?,
-            first_index: gauge("raft_first_index", "Lowest log index still stored (after compaction)")?,
-            leader_id: gauge("raft_leader_id", "Node id of the current leader, 0 if none known")?,
+            first_index: gauge(
+                "raft_first_index",
+                "Lowest log index still stored (after compaction)",
+            )?,
+            leader_id: gauge(
+                "raft_leader_id",
+                "Node id of the current leader, 0 if none known",
+            )?,
             is_leader: gauge("raft_is_leader", "1 if this node is the leader")?,
             pending_proposals: gauge(
                 "raft_pending_proposals",
@@ -72,7 +79,11 @@ impl RaftMetrics {
                 "Proposals submitted to this node, by outcome",
                 "outcome",
             )?,
-            reads: counter_vec("raft_reads_total", "Reads served by this node, by consistency", "consistency")?,
+            reads: counter_vec(
+                "raft_reads_total",
+                "Reads served by this node, by consistency",
+                "consistency",
+            )?,
             fsync_seconds: histogram(
                 "raft_fsync_seconds",
                 "Time to durably commit one batch of log entries and hard state (includes fsync)",
@@ -88,8 +99,14 @@ impl RaftMetrics {
                 "Entries applied to the state machine in one transaction",
                 batch_buckets,
             )?,
-            messages_sent: counter("raft_messages_sent_total", "Raft messages handed to the transport")?,
-            messages_received: counter("raft_messages_received_total", "Raft messages received from peers")?,
+            messages_sent: counter(
+                "raft_messages_sent_total",
+                "Raft messages handed to the transport",
+            )?,
+            messages_received: counter(
+                "raft_messages_received_total",
+                "Raft messages received from peers",
+            )?,
             peer_send_failures: counter(
                 "raft_peer_send_failures_total",
                 "Batches that could not be delivered to a peer",
@@ -98,9 +115,19 @@ impl RaftMetrics {
                 "raft_messages_dropped_total",
                 "Messages dropped because a peer's queue was full or its address unknown",
             )?,
-            snapshots_sent: counter_vec("raft_snapshots_sent_total", "Snapshots streamed to peers, by result", "result")?,
-            snapshots_received: counter("raft_snapshots_received_total", "Snapshots received from the leader")?,
-            snapshots_generated: counter("raft_snapshots_generated_total", "Snapshot files written")?,
+            snapshots_sent: counter_vec(
+                "raft_snapshots_sent_total",
+                "Snapshots streamed to peers, by result",
+                "result",
+            )?,
+            snapshots_received: counter(
+                "raft_snapshots_received_total",
+                "Snapshots received from the leader",
+            )?,
+            snapshots_generated: counter(
+                "raft_snapshots_generated_total",
+                "Snapshot files written",
+            )?,
             compactions: counter("raft_log_compactions_total", "Log compactions")?,
         })
     }

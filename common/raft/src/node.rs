@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prost::Message as _;
 use prometheus::Registry;
-use raft::prelude::{ConfChange, ConfChangeType};
+use prost::Message as _;
 use raft::RawNode;
+use raft::prelude::{ConfChange, ConfChangeType};
 use redb::{Database, ReadableDatabase};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -27,8 +27,8 @@ use crate::proto::raft_client::RaftClient;
 use crate::proto::raft_peer_server::RaftPeerServer;
 use crate::proto::raft_server::RaftServer;
 use crate::proto::{
-    AddMemberRequest, MemberContext, Proposal, ProposeRequest, RemoveMemberRequest,
-    RequestId, TransferLeaderRequest,
+    AddMemberRequest, MemberContext, Proposal, ProposeRequest, RemoveMemberRequest, RequestId,
+    TransferLeaderRequest,
 };
 use crate::service::{FORWARDED_KEY, RaftApi};
 use crate::state_machine::{ErasedStateMachine, StateMachine};
@@ -177,7 +177,9 @@ impl<S> Clone for RaftNode<S> {
 
 impl<S> std::fmt::Debug for RaftNode<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RaftNode").field("id", &self.core.id).finish()
+        f.debug_struct("RaftNode")
+            .field("id", &self.core.id)
+            .finish()
     }
 }
 
@@ -185,7 +187,11 @@ impl<S: StateMachine> RaftNode<S> {
     /// Opens the node's storage, recovers its state and starts its raft loop. Its gRPC services
     /// ([`RaftNode::peer_service`], [`RaftNode::raft_service`]) must be served at
     /// `config.advertise_addr` for the node to take part.
-    pub async fn start(config: RaftConfig, machine: S, registry: &Registry) -> Result<Self, RaftError> {
+    pub async fn start(
+        config: RaftConfig,
+        machine: S,
+        registry: &Registry,
+    ) -> Result<Self, RaftError> {
         config.validate("raft")?;
         let metrics = RaftMetrics::register(registry)?;
         let sm: Arc<dyn ErasedStateMachine> = Arc::new(machine);
@@ -209,7 +215,11 @@ impl<S: StateMachine> RaftNode<S> {
             ..raft::Config::default()
         };
         raft_config.validate()?;
-        let raw = RawNode::new(&raft_config, RaftStorage(store.clone()), &logging::raft_logger())?;
+        let raw = RawNode::new(
+            &raft_config,
+            RaftStorage(store.clone()),
+            &logging::raft_logger(),
+        )?;
 
         let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE_CAPACITY);
         let (command_tx, command_rx) = mpsc::channel(config.request_queue_capacity);
@@ -327,7 +337,9 @@ impl<S: StateMachine> RaftNode<S> {
             .propose_bytes(id, command.encode_to_vec(), true)
             .await?;
         S::Response::decode(bytes.as_slice()).map_err(|e| {
-            RaftError::StateMachine(StateMachineError::Corrupt(format!("response does not decode: {e}")))
+            RaftError::StateMachine(StateMachineError::Corrupt(format!(
+                "response does not decode: {e}"
+            )))
         })
     }
 
@@ -347,7 +359,9 @@ impl<S: StateMachine> RaftNode<S> {
             .read_bytes(query.encode_to_vec(), consistency)
             .await?;
         S::QueryResponse::decode(bytes.as_slice()).map_err(|e| {
-            RaftError::StateMachine(StateMachineError::Corrupt(format!("query response does not decode: {e}")))
+            RaftError::StateMachine(StateMachineError::Corrupt(format!(
+                "query response does not decode: {e}"
+            )))
         })
     }
 
@@ -381,7 +395,9 @@ impl<S: StateMachine> RaftNode<S> {
             self.core.snapshot_dir.clone(),
             self.core.metrics.clone(),
         ))
-        .max_decoding_message_size(self.core.config.transport.max_batch_size.as_usize() * 2 + (1 << 20))
+        .max_decoding_message_size(
+            self.core.config.transport.max_batch_size.as_usize() * 2 + (1 << 20),
+        )
     }
 
     /// The client and operator gRPC service (propose, read, status, membership).
@@ -462,7 +478,9 @@ impl NodeCore {
             {
                 let current = status.borrow_and_update();
                 match current.role {
-                    Role::Stopped => return Err(RaftError::Stopped("the node has stopped".to_string())),
+                    Role::Stopped => {
+                        return Err(RaftError::Stopped("the node has stopped".to_string()));
+                    }
                     Role::Leader => return Ok(Route::Local),
                     _ => {}
                 }
@@ -492,7 +510,8 @@ impl NodeCore {
             None => {
                 let options = ff_rpc::ClientOptions {
                     connect_timeout: self.config.transport.connect_timeout.get(),
-                    request_timeout: self.config.propose_timeout.get() + self.config.learner_catchup_timeout.get(),
+                    request_timeout: self.config.propose_timeout.get()
+                        + self.config.learner_catchup_timeout.get(),
                     ..ff_rpc::ClientOptions::default()
                 };
                 let channel = ff_rpc::channel(addr, &options).map_err(|e| RaftError::Forward {
@@ -510,12 +529,13 @@ impl NodeCore {
     }
 
     /// Wraps `message` as a request that the receiver must not forward again.
-    fn forwarded<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    fn forwarded<T>(message: T, deadline: Instant) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        request.set_timeout(timeout);
-        request
-            .metadata_mut()
-            .insert(FORWARDED_KEY, tonic::metadata::MetadataValue::from_static("1"));
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        request.metadata_mut().insert(
+            FORWARDED_KEY,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
         request
     }
 
@@ -529,8 +549,49 @@ impl NodeCore {
                 message: format!("{code}: {}", status.message()),
                 // Unavailable never took effect; a timeout may have, but every proposal carries
                 // a request id, so a retry is applied at most once.
-                retryable: matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown),
+                retryable: matches!(
+                    code,
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+                ),
             },
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or `deadline` passes. Retryable
+    /// failures (no leader yet, leadership moved, a forward that did not get through) are tried
+    /// again with a short backoff; a request that was forwarded to us is answered with
+    /// `NotLeader` at once, so that the node that forwarded it retries, not us.
+    async fn retrying<T, F, Fut>(
+        &self,
+        may_forward: bool,
+        deadline: Instant,
+        total: Duration,
+        mut attempt: F,
+    ) -> Result<T, RaftError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RaftError>>,
+    {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let error = match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            if !error.is_retryable()
+                || (!may_forward && matches!(error, RaftError::NotLeader { .. }))
+            {
+                return Err(error);
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(match error {
+                    RaftError::NoLeader(_) => RaftError::NoLeader(total),
+                    _ => RaftError::Timeout(total),
+                });
+            }
+            tracing::debug!(node = self.id, %error, "retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
         }
     }
 
@@ -548,51 +609,41 @@ impl NodeCore {
             command: command.clone(),
         }
         .encode_to_vec();
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            let attempt = match self.route(may_forward, deadline).await {
-                Ok(Route::Local) => self.propose_local(data.clone(), deadline).await,
-                Ok(Route::Remote(addr)) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    let request = Self::forwarded(
-                        ProposeRequest {
-                            id: Some(id),
-                            command: command.clone(),
-                        },
-                        remaining,
-                    );
-                    match self.client(&addr)?.propose(request).await {
-                        Ok(reply) => Ok(reply.into_inner().response),
-                        Err(status) => Err(Self::forward_error(&addr, &status)),
+        let result = self
+            .retrying(may_forward, deadline, timeout, || async {
+                match self.route(may_forward, deadline).await? {
+                    Route::Local => self.propose_local(data.clone(), deadline).await,
+                    Route::Remote(addr) => {
+                        let request = Self::forwarded(
+                            ProposeRequest {
+                                id: Some(id),
+                                command: command.clone(),
+                            },
+                            deadline,
+                        );
+                        match self.client(&addr)?.propose(request).await {
+                            Ok(reply) => Ok(reply.into_inner().response),
+                            Err(status) => Err(Self::forward_error(&addr, &status)),
+                        }
                     }
                 }
-                Err(error) => Err(error),
-            };
-            let error = match attempt {
-                Ok(response) => return Ok(response),
-                Err(error) => error,
-            };
-            let outcome = match &error {
-                RaftError::NotLeader { .. } => "not_leader",
-                RaftError::InvalidCommand(_) => "invalid",
-                RaftError::Timeout(_) | RaftError::NoLeader(_) => "timeout",
-                _ => "retried",
-            };
-            self.metrics.proposals.with_label_values(&[outcome]).inc();
-            if !error.is_retryable() || (!may_forward && matches!(error, RaftError::NotLeader { .. })) {
-                return Err(error);
-            }
-            if Instant::now() + backoff >= deadline {
-                return Err(RaftError::Timeout(timeout));
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(200));
-        }
+            })
+            .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(RaftError::NotLeader { .. }) => "not_leader",
+            Err(RaftError::InvalidCommand(_)) => "invalid",
+            Err(RaftError::Timeout(_) | RaftError::NoLeader(_)) => "timeout",
+            Err(_) => "failed",
+        };
+        self.metrics.proposals.with_label_values(&[outcome]).inc();
+        result
     }
 
     async fn propose_local(&self, data: Vec<u8>, deadline: Instant) -> Result<Vec<u8>, RaftError> {
         let (reply, answer) = oneshot::channel();
-        self.submit(Command::Propose { data, reply }, deadline).await?;
+        self.submit(Command::Propose { data, reply }, deadline)
+            .await?;
         self.await_reply(answer, deadline).await
     }
 
@@ -627,16 +678,22 @@ impl NodeCore {
                 let timeout = self.config.read_timeout.get();
                 let deadline = Instant::now() + timeout;
                 let (reply, answer) = oneshot::channel();
-                match tokio::time::timeout_at(deadline, self.commands.send(Command::Read { reply })).await {
+                match tokio::time::timeout_at(deadline, self.commands.send(Command::Read { reply }))
+                    .await
+                {
                     Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Err(RaftError::Stopped("the node has stopped".to_string())),
+                    Ok(Err(_)) => {
+                        return Err(RaftError::Stopped("the node has stopped".to_string()));
+                    }
                     Err(_) => return Err(RaftError::Timeout(timeout)),
                 }
                 match tokio::time::timeout_at(deadline, answer).await {
                     Ok(Ok(result)) => {
                         result?;
                     }
-                    Ok(Err(_)) => return Err(RaftError::Stopped("the node has stopped".to_string())),
+                    Ok(Err(_)) => {
+                        return Err(RaftError::Stopped("the node has stopped".to_string()));
+                    }
                     Err(_) => return Err(RaftError::Timeout(timeout)),
                 }
                 "linearizable"
@@ -671,30 +728,49 @@ impl NodeCore {
         if id == 0 {
             return Err(RaftError::Membership("node id 0 is invalid".to_string()));
         }
-        if !addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
-            return Err(RaftError::Membership(format!("{addr:?} is not a host:port address")));
+        if !addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            return Err(RaftError::Membership(format!(
+                "{addr:?} is not a host:port address"
+            )));
         }
-        let deadline = Instant::now() + self.config.propose_timeout.get() * 3 + self.config.learner_catchup_timeout.get();
-        match self.route(may_forward, deadline).await? {
-            Route::Local => {}
-            Route::Remote(leader) => {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                let request = Self::forwarded(
-                    AddMemberRequest {
-                        id,
-                        addr: addr.to_string(),
-                        learner_only,
-                    },
-                    remaining,
-                );
-                return self
-                    .client(&leader)?
-                    .add_member(request)
-                    .await
-                    .map(|_| ())
-                    .map_err(|status| Self::forward_error(&leader, &status));
+        let total =
+            self.config.propose_timeout.get() * 3 + self.config.learner_catchup_timeout.get();
+        let deadline = Instant::now() + total;
+        self.retrying(may_forward, deadline, total, || async {
+            match self.route(may_forward, deadline).await? {
+                Route::Local => self.add_member_here(id, addr, learner_only, deadline).await,
+                Route::Remote(leader) => {
+                    let request = Self::forwarded(
+                        AddMemberRequest {
+                            id,
+                            addr: addr.to_string(),
+                            learner_only,
+                        },
+                        deadline,
+                    );
+                    self.client(&leader)?
+                        .add_member(request)
+                        .await
+                        .map(|_| ())
+                        .map_err(|status| Self::forward_error(&leader, &status))
+                }
             }
-        }
+        })
+        .await
+    }
+
+    /// The leader's part of adding a member. Every step checks the current membership first,
+    /// so a retry after any failure continues where the last attempt stopped.
+    async fn add_member_here(
+        &self,
+        id: u64,
+        addr: &str,
+        learner_only: bool,
+        deadline: Instant,
+    ) -> Result<(), RaftError> {
         let status = self.status();
         match status.member(id) {
             Some(member) if !member.addr.is_empty() && member.addr != addr => {
@@ -743,8 +819,7 @@ impl NodeCore {
         }
     }
 
-    /// Proposes one membership change and waits for it to apply, retrying while another
-    /// change is in progress.
+    /// Proposes one membership change and waits for it to apply.
     async fn change_membership(
         &self,
         kind: ConfChangeType,
@@ -760,109 +835,111 @@ impl NodeCore {
         }
         .encode_to_vec()
         .into();
-        loop {
-            let (reply, answer) = oneshot::channel();
-            self.submit(
-                Command::ConfChange {
-                    change: change.clone(),
-                    reply,
-                },
-                deadline,
-            )
+        let (reply, answer) = oneshot::channel();
+        self.submit(Command::ConfChange { change, reply }, deadline)
             .await?;
-            match self.await_reply(answer, deadline).await {
-                Err(RaftError::MembershipBusy) if Instant::now() + POLL < deadline => {
-                    tokio::time::sleep(POLL * 5).await;
-                }
-                other => return other,
-            }
-        }
+        self.await_reply(answer, deadline).await
     }
 
     /// Removes a member; see [`RaftNode::remove_member`].
     pub(crate) async fn remove_member(&self, id: u64, may_forward: bool) -> Result<(), RaftError> {
-        let deadline = Instant::now() + self.config.propose_timeout.get() * 3;
-        loop {
+        let total = self.config.propose_timeout.get() * 3;
+        let deadline = Instant::now() + total;
+        self.retrying(may_forward, deadline, total, || async {
             match self.route(may_forward, deadline).await? {
+                Route::Local => self.remove_member_here(id, deadline).await,
                 Route::Remote(leader) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    let request = Self::forwarded(RemoveMemberRequest { id }, remaining);
-                    return self
-                        .client(&leader)?
+                    let request = Self::forwarded(RemoveMemberRequest { id }, deadline);
+                    self.client(&leader)?
                         .remove_member(request)
                         .await
                         .map(|_| ())
-                        .map_err(|status| Self::forward_error(&leader, &status));
+                        .map_err(|status| Self::forward_error(&leader, &status))
                 }
-                Route::Local => {}
             }
-            let status = self.status();
-            let Some(member) = status.member(id) else {
-                return Ok(());
-            };
-            let voters: Vec<&MemberStatus> = status.members.iter().filter(|m| m.voter).collect();
-            if member.voter && voters.len() == 1 {
-                return Err(RaftError::Membership(format!(
-                    "node {id} is the last voter; the group cannot remove it"
-                )));
-            }
-            if id != self.id {
-                self.change_membership(ConfChangeType::RemoveNode, id, "", deadline)
-                    .await?;
-                tracing::info!(node = self.id, removed = id, "member removed");
-                return Ok(());
-            }
-            // The leader removes itself by handing leadership to the most caught-up voter,
-            // which then performs the removal.
-            let successor = voters
-                .iter()
-                .filter(|m| m.id != self.id)
-                .max_by_key(|m| m.matched)
-                .map(|m| m.id)
-                .ok_or_else(|| RaftError::Membership("no other voter to hand leadership to".to_string()))?;
-            self.transfer_leader(successor, false).await?;
-            if !may_forward {
-                return Err(RaftError::NotLeader {
-                    leader: self.status().leader_hint(),
-                });
-            }
+        })
+        .await
+    }
+
+    /// The leader's part of removing a member.
+    async fn remove_member_here(&self, id: u64, deadline: Instant) -> Result<(), RaftError> {
+        let status = self.status();
+        let Some(member) = status.member(id) else {
+            return Ok(());
+        };
+        let voters: Vec<&MemberStatus> = status.members.iter().filter(|m| m.voter).collect();
+        if member.voter && voters.len() == 1 {
+            return Err(RaftError::Membership(format!(
+                "node {id} is the last voter; the group cannot remove it"
+            )));
         }
+        if id != self.id {
+            self.change_membership(ConfChangeType::RemoveNode, id, "", deadline)
+                .await?;
+            tracing::info!(node = self.id, removed = id, "member removed");
+            return Ok(());
+        }
+        // The leader removes itself by handing leadership to the most caught-up voter, which
+        // then performs the removal when the caller retries there.
+        let successor = voters
+            .iter()
+            .filter(|m| m.id != self.id)
+            .max_by_key(|m| m.matched)
+            .map(|m| m.id)
+            .ok_or_else(|| {
+                RaftError::Membership("no other voter to hand leadership to".to_string())
+            })?;
+        self.transfer_leader_here(successor, deadline).await?;
+        Err(RaftError::NotLeader {
+            leader: self.status().leader_hint(),
+        })
     }
 
     /// Moves leadership; see [`RaftNode::transfer_leader`].
-    pub(crate) async fn transfer_leader(&self, to: u64, may_forward: bool) -> Result<(), RaftError> {
-        let timeout = self.config.election_timeout() * 3;
-        let deadline = Instant::now() + self.config.propose_timeout.get() + timeout;
-        match self.route(may_forward, deadline).await? {
-            Route::Remote(leader) => {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                let request = Self::forwarded(TransferLeaderRequest { to }, remaining);
-                return self
-                    .client(&leader)?
-                    .transfer_leader(request)
-                    .await
-                    .map(|_| ())
-                    .map_err(|status| Self::forward_error(&leader, &status));
+    pub(crate) async fn transfer_leader(
+        &self,
+        to: u64,
+        may_forward: bool,
+    ) -> Result<(), RaftError> {
+        let total = self.config.propose_timeout.get() + self.config.election_timeout() * 3;
+        let deadline = Instant::now() + total;
+        self.retrying(may_forward, deadline, total, || async {
+            match self.route(may_forward, deadline).await? {
+                Route::Local => self.transfer_leader_here(to, deadline).await,
+                Route::Remote(leader) => {
+                    let request = Self::forwarded(TransferLeaderRequest { to }, deadline);
+                    self.client(&leader)?
+                        .transfer_leader(request)
+                        .await
+                        .map(|_| ())
+                        .map_err(|status| Self::forward_error(&leader, &status))
+                }
             }
-            Route::Local => {}
-        }
+        })
+        .await
+    }
+
+    /// The leader's part of a leadership transfer: asks raft, then waits to see it happen.
+    async fn transfer_leader_here(&self, to: u64, deadline: Instant) -> Result<(), RaftError> {
         if to == self.id {
             return Ok(());
         }
         if !self.status().member(to).is_some_and(|m| m.voter) {
             return Err(RaftError::Membership(format!("node {to} is not a voter")));
         }
-        self.submit(Command::TransferLeader { to }, deadline).await?;
-        let mut status = self.status.clone();
+        self.submit(Command::TransferLeader { to }, deadline)
+            .await?;
+        let timeout = self.config.election_timeout() * 3;
         let wait_until = Instant::now() + timeout;
+        let mut status = self.status.clone();
         loop {
-            {
-                let current = status.borrow_and_update();
-                if current.leader_id == to {
-                    return Ok(());
-                }
+            if status.borrow_and_update().leader_id == to {
+                return Ok(());
             }
-            if tokio::time::timeout_at(wait_until, status.changed()).await.is_err() {
+            if tokio::time::timeout_at(wait_until, status.changed())
+                .await
+                .is_err()
+            {
                 return Err(RaftError::Membership(format!(
                     "leadership did not move to node {to} within {timeout:?}"
                 )));

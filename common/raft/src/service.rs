@@ -60,7 +60,10 @@ pub fn status_reply(status: &GroupStatus) -> StatusReply {
 
 #[tonic::async_trait]
 impl Raft for RaftApi {
-    async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeReply>, Status> {
+    async fn propose(
+        &self,
+        request: Request<ProposeRequest>,
+    ) -> Result<Response<ProposeReply>, Status> {
         let forward = may_forward(&request);
         let ProposeRequest { id, command } = request.into_inner();
         // A client without its own id still gets at-most-once application of this node's
@@ -77,7 +80,11 @@ impl Raft for RaftApi {
         let consistency = match ReadConsistency::try_from(consistency) {
             Ok(ReadConsistency::Linearizable) => Consistency::Linearizable,
             Ok(ReadConsistency::Local) => Consistency::Local,
-            Err(_) => return Err(Status::invalid_argument(format!("unknown read consistency {consistency}"))),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown read consistency {consistency}"
+                )));
+            }
         };
         let (response, applied_index) = self.core.read_bytes(query, consistency).await?;
         Ok(Response::new(ReadReply {
@@ -86,18 +93,26 @@ impl Raft for RaftApi {
         }))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
         Ok(Response::new(status_reply(&self.core.status())))
     }
 
-    async fn add_member(&self, request: Request<AddMemberRequest>) -> Result<Response<StatusReply>, Status> {
+    async fn add_member(
+        &self,
+        request: Request<AddMemberRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
         let forward = may_forward(&request);
         let AddMemberRequest {
             id,
             addr,
             learner_only,
         } = request.into_inner();
-        self.core.add_member(id, &addr, learner_only, forward).await?;
+        self.core
+            .add_member(id, &addr, learner_only, forward)
+            .await?;
         Ok(Response::new(status_reply(&self.core.status())))
     }
 

@@ -43,7 +43,11 @@ pub(crate) struct CrcWriter<W> {
 
 impl<W: Write> CrcWriter<W> {
     pub(crate) fn new(inner: W) -> Self {
-        CrcWriter { inner, crc: 0, len: 0 }
+        CrcWriter {
+            inner,
+            crc: 0,
+            len: 0,
+        }
     }
 }
 
@@ -105,13 +109,15 @@ pub(crate) fn generate(
     sm.snapshot(&txn, &mut out)?;
     let content_crc = out.crc;
     let trailer = content_crc.to_le_bytes();
-    out.write_all(&trailer).map_err(io_err(write_context.clone()))?;
+    out.write_all(&trailer)
+        .map_err(io_err(write_context.clone()))?;
     let size = out.len;
     let file = out
         .inner
         .into_inner()
         .map_err(|e| StorageError::io(write_context.clone(), e.into_error()))?;
-    file.sync_all().map_err(io_err(format!("fsync {}", tmp.display())))?;
+    file.sync_all()
+        .map_err(io_err(format!("fsync {}", tmp.display())))?;
     let path = dir.join(&name);
     std::fs::rename(&tmp, &path).map_err(io_err(format!("rename {}", tmp.display())))?;
     let mut metadata = SnapshotMetadata::default();
@@ -150,12 +156,16 @@ pub(crate) fn restore(
     };
     let read_context = format!("read {display}");
     let mut magic = [0u8; 8];
-    reader.read_exact(&mut magic).map_err(io_err(read_context.clone()))?;
+    reader
+        .read_exact(&mut magic)
+        .map_err(io_err(read_context.clone()))?;
     if &magic != MAGIC {
         return Err(corrupt("not a snapshot file (bad magic)".to_string()).into());
     }
     let mut len = [0u8; 8];
-    reader.read_exact(&mut len).map_err(io_err(read_context.clone()))?;
+    reader
+        .read_exact(&mut len)
+        .map_err(io_err(read_context.clone()))?;
     let meta_len = u64::from_le_bytes(len);
     if meta_len > MAX_META_LEN || meta_len > size - FRAMING {
         return Err(corrupt(format!("metadata length {meta_len} exceeds the file")).into());

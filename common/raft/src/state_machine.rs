@@ -58,10 +58,15 @@ pub trait StateMachine: Send + Sync + 'static {
     ) -> Result<Self::QueryResponse, StateMachineError>;
 
     /// Writes the whole state to `out`.
-    fn snapshot(&self, txn: &ReadTransaction, out: &mut dyn Write) -> Result<(), StateMachineError>;
+    fn snapshot(&self, txn: &ReadTransaction, out: &mut dyn Write)
+    -> Result<(), StateMachineError>;
 
     /// Replaces the whole state with what `snapshot` wrote to `input`.
-    fn restore(&self, txn: &WriteTransaction, input: &mut dyn Read) -> Result<(), StateMachineError>;
+    fn restore(
+        &self,
+        txn: &WriteTransaction,
+        input: &mut dyn Read,
+    ) -> Result<(), StateMachineError>;
 }
 
 /// A state machine seen through bytes, so that storage, snapshots and the gRPC service need not
@@ -81,8 +86,13 @@ pub(crate) trait ErasedStateMachine: Send + Sync + 'static {
         txn: &ReadTransaction,
         query: &[u8],
     ) -> Result<Result<Vec<u8>, String>, StateMachineError>;
-    fn snapshot(&self, txn: &ReadTransaction, out: &mut dyn Write) -> Result<(), StateMachineError>;
-    fn restore(&self, txn: &WriteTransaction, input: &mut dyn Read) -> Result<(), StateMachineError>;
+    fn snapshot(&self, txn: &ReadTransaction, out: &mut dyn Write)
+    -> Result<(), StateMachineError>;
+    fn restore(
+        &self,
+        txn: &WriteTransaction,
+        input: &mut dyn Read,
+    ) -> Result<(), StateMachineError>;
 }
 
 impl<S: StateMachine> ErasedStateMachine for S {
@@ -117,11 +127,19 @@ impl<S: StateMachine> ErasedStateMachine for S {
         Ok(Ok(prost::Message::encode_to_vec(&response)))
     }
 
-    fn snapshot(&self, txn: &ReadTransaction, out: &mut dyn Write) -> Result<(), StateMachineError> {
+    fn snapshot(
+        &self,
+        txn: &ReadTransaction,
+        out: &mut dyn Write,
+    ) -> Result<(), StateMachineError> {
         StateMachine::snapshot(self, txn, out)
     }
 
-    fn restore(&self, txn: &WriteTransaction, input: &mut dyn Read) -> Result<(), StateMachineError> {
+    fn restore(
+        &self,
+        txn: &WriteTransaction,
+        input: &mut dyn Read,
+    ) -> Result<(), StateMachineError> {
         StateMachine::restore(self, txn, input)
     }
 }

@@ -21,7 +21,9 @@ use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 
 use crate::config::RaftConfig;
 use crate::error::{RaftError, StorageError};
@@ -29,9 +31,12 @@ use crate::proto::{ApplyOutcome, Proposal, SnapshotDescriptor, apply_outcome};
 use crate::snapshot;
 use crate::state_machine::{ApplyContext, ErasedStateMachine};
 
-pub(crate) const LOG: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new("raft_log");
-pub(crate) const META: TableDefinition<'static, &'static str, &'static [u8]> = TableDefinition::new("raft_meta");
-pub(crate) const MEMBERS: TableDefinition<'static, u64, &'static str> = TableDefinition::new("raft_members");
+pub(crate) const LOG: TableDefinition<'static, u64, &'static [u8]> =
+    TableDefinition::new("raft_log");
+pub(crate) const META: TableDefinition<'static, &'static str, &'static [u8]> =
+    TableDefinition::new("raft_meta");
+pub(crate) const MEMBERS: TableDefinition<'static, u64, &'static str> =
+    TableDefinition::new("raft_members");
 /// (client, seq) -> (index applied at, encoded `ApplyOutcome`).
 pub(crate) const REQUESTS: TableDefinition<'static, (u64, u64), (u64, &'static [u8])> =
     TableDefinition::new("raft_requests");
@@ -71,9 +76,9 @@ impl IndexTerm {
     }
 
     fn decode(bytes: &[u8], what: &str) -> Result<Self, StorageError> {
-        let array: [u8; 16] = bytes
-            .try_into()
-            .map_err(|_| StorageError::Corrupt(format!("{what} has {} bytes, not 16", bytes.len())))?;
+        let array: [u8; 16] = bytes.try_into().map_err(|_| {
+            StorageError::Corrupt(format!("{what} has {} bytes, not 16", bytes.len()))
+        })?;
         let (index, term) = array.split_at(8);
         Ok(IndexTerm {
             index: u64::from_le_bytes(index.try_into().unwrap_or_default()),
@@ -216,21 +221,29 @@ impl LogStore {
             .map_err(|e| StorageError::io(format!("create data directory {}", dir.display()), e))?;
         let snapshot_dir = dir.join("snapshots");
         std::fs::create_dir_all(&snapshot_dir).map_err(|e| {
-            StorageError::io(format!("create snapshot directory {}", snapshot_dir.display()), e)
+            StorageError::io(
+                format!("create snapshot directory {}", snapshot_dir.display()),
+                e,
+            )
         })?;
         snapshot::remove_partial_files(&snapshot_dir);
         let path = dir.join("raft.redb");
         let db = open_database(&path, config.verify_on_open)?;
 
-        let txn = db.begin_write().map_err(db_err("begin initial transaction"))?;
+        let txn = db
+            .begin_write()
+            .map_err(db_err("begin initial transaction"))?;
         let recovered_core;
         {
             let mut meta = txn.open_table(META).map_err(db_err("open raft_meta"))?;
             txn.open_table(LOG).map_err(db_err("open raft_log"))?;
-            txn.open_table(REQUESTS).map_err(db_err("open raft_requests"))?;
+            txn.open_table(REQUESTS)
+                .map_err(db_err("open raft_requests"))?;
             txn.open_table(REQUESTS_BY_INDEX)
                 .map_err(db_err("open raft_requests_by_index"))?;
-            let mut members = txn.open_table(MEMBERS).map_err(db_err("open raft_members"))?;
+            let mut members = txn
+                .open_table(MEMBERS)
+                .map_err(db_err("open raft_members"))?;
             check_identity(&mut meta, config, dir)?;
             let fresh = meta
                 .get(KEY_HARD_STATE)
@@ -264,7 +277,11 @@ impl LogStore {
             ))
             .into());
         }
-        let members = read_members(&read.open_table(MEMBERS).map_err(db_err("open raft_members"))?)?;
+        let members = read_members(
+            &read
+                .open_table(MEMBERS)
+                .map_err(db_err("open raft_members"))?,
+        )?;
         drop(log);
         drop(read);
         let recovered = Recovered {
@@ -327,7 +344,11 @@ impl LogStore {
     }
 
     /// Publishes a newly generated snapshot and deletes the file of the one it replaces.
-    pub(crate) fn set_latest_snapshot(&self, metadata: SnapshotMetadata, descriptor: SnapshotDescriptor) {
+    pub(crate) fn set_latest_snapshot(
+        &self,
+        metadata: SnapshotMetadata,
+        descriptor: SnapshotDescriptor,
+    ) {
         let mut slot = self.slot();
         if let Some((_, old)) = slot.latest.take() {
             if old.file != descriptor.file {
@@ -426,11 +447,15 @@ impl LogStore {
         }
 
         if !batch.committed.is_empty() {
-            let mut requests = txn.open_table(REQUESTS).map_err(db_err("open raft_requests"))?;
+            let mut requests = txn
+                .open_table(REQUESTS)
+                .map_err(db_err("open raft_requests"))?;
             let mut by_index = txn
                 .open_table(REQUESTS_BY_INDEX)
                 .map_err(db_err("open raft_requests_by_index"))?;
-            let mut members = txn.open_table(MEMBERS).map_err(db_err("open raft_members"))?;
+            let mut members = txn
+                .open_table(MEMBERS)
+                .map_err(db_err("open raft_members"))?;
             for entry in &batch.committed {
                 if entry.index <= applied.index {
                     // Already applied before a restart; raft-rs may hand it over again.
@@ -542,7 +567,9 @@ impl LogStore {
         }
 
         let members_after = if members_changed {
-            let members = txn.open_table(MEMBERS).map_err(db_err("open raft_members"))?;
+            let members = txn
+                .open_table(MEMBERS)
+                .map_err(db_err("open raft_members"))?;
             Some(read_members(&members)?)
         } else {
             None
@@ -568,7 +595,11 @@ impl LogStore {
             }
         }
         if let Some(first) = batch.entries.first() {
-            if core.cache.back().is_some_and(|e| e.index + 1 != first.index) {
+            if core
+                .cache
+                .back()
+                .is_some_and(|e| e.index + 1 != first.index)
+            {
                 core.cache.clear();
                 core.cache_bytes = 0;
             }
@@ -578,7 +609,10 @@ impl LogStore {
             core.cache.push_back(entry);
         }
         while core.cache_bytes > self.cache_limit
-            || core.cache.front().is_some_and(|e| e.index <= truncated.index)
+            || core
+                .cache
+                .front()
+                .is_some_and(|e| e.index <= truncated.index)
         {
             match core.cache.pop_front() {
                 Some(e) => core.cache_bytes -= e.compute_size() as usize,
@@ -593,7 +627,12 @@ impl LogStore {
         Ok(outcome)
     }
 
-    fn read_entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Result<Vec<Entry>, StorageError> {
+    fn read_entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+    ) -> Result<Vec<Entry>, StorageError> {
         let txn = self.db.begin_read().map_err(db_err("begin read"))?;
         let log = txn.open_table(LOG).map_err(db_err("open raft_log"))?;
         let mut entries = Vec::new();
@@ -657,13 +696,20 @@ fn check_identity(
     config: &RaftConfig,
     dir: &Path,
 ) -> Result<(), StorageError> {
-    let cluster = meta.get(KEY_CLUSTER).map_err(db_err("read identity"))?.map(|v| v.value().to_vec());
-    let node = meta.get(KEY_NODE_ID).map_err(db_err("read identity"))?.map(|v| v.value().to_vec());
+    let cluster = meta
+        .get(KEY_CLUSTER)
+        .map_err(db_err("read identity"))?
+        .map(|v| v.value().to_vec());
+    let node = meta
+        .get(KEY_NODE_ID)
+        .map_err(db_err("read identity"))?
+        .map(|v| v.value().to_vec());
     match (cluster, node) {
         (Some(cluster), Some(node)) => {
-            let node = u64::from_le_bytes(node.as_slice().try_into().map_err(|_| {
-                StorageError::Corrupt("stored node id is not 8 bytes".to_string())
-            })?);
+            let node =
+                u64::from_le_bytes(node.as_slice().try_into().map_err(|_| {
+                    StorageError::Corrupt("stored node id is not 8 bytes".to_string())
+                })?);
             let cluster = String::from_utf8_lossy(&cluster).into_owned();
             if cluster != config.cluster || node != config.node_id {
                 return Err(StorageError::WrongIdentity {
@@ -690,7 +736,10 @@ fn initialise(
     members: &mut redb::Table<'_, u64, &str>,
     config: &RaftConfig,
 ) -> Result<(), StorageError> {
-    let founding = config.initial_members.iter().any(|m| m.id == config.node_id);
+    let founding = config
+        .initial_members
+        .iter()
+        .any(|m| m.id == config.node_id);
     let mut hard_state = HardState::default();
     let mut conf_state = ConfState::default();
     let mut position = IndexTerm::default();
@@ -708,10 +757,16 @@ fn initialise(
                 .map_err(db_err("record founding member"))?;
         }
     }
-    meta.insert(KEY_HARD_STATE, encode_pb(&hard_state, "hard state")?.as_slice())
-        .map_err(db_err("write hard state"))?;
-    meta.insert(KEY_CONF_STATE, encode_pb(&conf_state, "conf state")?.as_slice())
-        .map_err(db_err("write conf state"))?;
+    meta.insert(
+        KEY_HARD_STATE,
+        encode_pb(&hard_state, "hard state")?.as_slice(),
+    )
+    .map_err(db_err("write hard state"))?;
+    meta.insert(
+        KEY_CONF_STATE,
+        encode_pb(&conf_state, "conf state")?.as_slice(),
+    )
+    .map_err(db_err("write conf state"))?;
     meta.insert(KEY_APPLIED, position.encode().as_slice())
         .map_err(db_err("write applied index"))?;
     meta.insert(KEY_TRUNCATED, position.encode().as_slice())
@@ -760,7 +815,10 @@ fn apply_proposal(
         Ok(proposal) => proposal,
         Err(error) => return Ok(Err(format!("log entry is not a proposal: {error}"))),
     };
-    let id = proposal.id.filter(|id| id.client != 0).map(|id| (id.client, id.seq));
+    let id = proposal
+        .id
+        .filter(|id| id.client != 0)
+        .map(|id| (id.client, id.seq));
     if let Some(key) = id {
         if let Some(record) = requests.get(key).map_err(db_err("read request record"))? {
             let (index, bytes) = record.value();
@@ -816,7 +874,10 @@ fn expire_requests(
         return Ok(());
     };
     let mut expired = Vec::new();
-    for item in by_index.range(..cutoff).map_err(db_err("scan request index"))? {
+    for item in by_index
+        .range(..cutoff)
+        .map_err(db_err("scan request index"))?
+    {
         let (index, key) = item.map_err(db_err("read request index"))?;
         expired.push((index.value(), key.value()));
         if expired.len() >= MAX_EXPIRED_PER_WRITE {
@@ -824,14 +885,18 @@ fn expire_requests(
         }
     }
     for (index, key) in expired {
-        by_index.remove(index).map_err(db_err("expire request index"))?;
+        by_index
+            .remove(index)
+            .map_err(db_err("expire request index"))?;
         // The same request id may have been recorded again later; keep the newer record.
         let same = requests
             .get(key)
             .map_err(db_err("read request record"))?
             .is_some_and(|record| record.value().0 == index);
         if same {
-            requests.remove(key).map_err(db_err("expire request record"))?;
+            requests
+                .remove(key)
+                .map_err(db_err("expire request record"))?;
         }
     }
     Ok(())
@@ -848,7 +913,10 @@ fn other(error: StorageError) -> raft::Error {
 impl raft::Storage for RaftStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
         let core = self.0.core();
-        Ok(RaftState::new(core.hard_state.clone(), core.conf_state.clone()))
+        Ok(RaftState::new(
+            core.hard_state.clone(),
+            core.conf_state.clone(),
+        ))
     }
 
     fn entries(
@@ -928,13 +996,17 @@ impl raft::Storage for RaftStorage {
             }
         }
         slot.requested = true;
-        Err(raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            RaftStorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 
 impl std::fmt::Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogStore").field("path", &self.path).finish()
+        f.debug_struct("LogStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -953,12 +1025,17 @@ pub(crate) fn snapshot_meta(
     };
     let applied = IndexTerm::decode(&get(KEY_APPLIED)?, "applied index")?;
     let conf_state = get(KEY_CONF_STATE)?;
-    let members = read_members(&txn.open_table(MEMBERS).map_err(db_err("open raft_members"))?)?
-        .into_iter()
-        .map(|(id, addr)| Member { id, addr })
-        .collect();
+    let members = read_members(
+        &txn.open_table(MEMBERS)
+            .map_err(db_err("open raft_members"))?,
+    )?
+    .into_iter()
+    .map(|(id, addr)| Member { id, addr })
+    .collect();
     let mut requests = Vec::new();
-    let table = txn.open_table(REQUESTS).map_err(db_err("open raft_requests"))?;
+    let table = txn
+        .open_table(REQUESTS)
+        .map_err(db_err("open raft_requests"))?;
     for item in table.iter().map_err(db_err("scan request records"))? {
         let (key, value) = item.map_err(db_err("read request record"))?;
         let (client, seq) = key.value();
@@ -989,19 +1066,29 @@ pub(crate) fn restore_meta(
 ) -> Result<(), StorageError> {
     let mut log = txn.open_table(LOG).map_err(db_err("open raft_log"))?;
     log.retain(|_, _| false).map_err(db_err("clear log"))?;
-    let mut members = txn.open_table(MEMBERS).map_err(db_err("open raft_members"))?;
-    members.retain(|_, _| false).map_err(db_err("clear members"))?;
+    let mut members = txn
+        .open_table(MEMBERS)
+        .map_err(db_err("open raft_members"))?;
+    members
+        .retain(|_, _| false)
+        .map_err(db_err("clear members"))?;
     for member in &meta.members {
         members
             .insert(member.id, member.addr.as_str())
             .map_err(db_err("restore member"))?;
     }
-    let mut requests = txn.open_table(REQUESTS).map_err(db_err("open raft_requests"))?;
-    requests.retain(|_, _| false).map_err(db_err("clear request records"))?;
+    let mut requests = txn
+        .open_table(REQUESTS)
+        .map_err(db_err("open raft_requests"))?;
+    requests
+        .retain(|_, _| false)
+        .map_err(db_err("clear request records"))?;
     let mut by_index = txn
         .open_table(REQUESTS_BY_INDEX)
         .map_err(db_err("open raft_requests_by_index"))?;
-    by_index.retain(|_, _| false).map_err(db_err("clear request index"))?;
+    by_index
+        .retain(|_, _| false)
+        .map_err(db_err("clear request index"))?;
     for record in &meta.requests {
         let Some(id) = &record.id else { continue };
         let outcome = record.outcome.clone().unwrap_or_default().encode_to_vec();
@@ -1015,7 +1102,10 @@ pub(crate) fn restore_meta(
     let conf_state: ConfState = decode_pb(&meta.conf_state, "snapshot conf state")?;
     let mut meta_table = txn.open_table(META).map_err(db_err("open raft_meta"))?;
     meta_table
-        .insert(KEY_CONF_STATE, encode_pb(&conf_state, "conf state")?.as_slice())
+        .insert(
+            KEY_CONF_STATE,
+            encode_pb(&conf_state, "conf state")?.as_slice(),
+        )
         .map_err(db_err("write conf state"))?;
     Ok(())
 }

@@ -178,7 +178,13 @@ impl Transport {
             metrics: self.metrics.clone(),
         };
         tokio::spawn(sender.run(receiver));
-        links.insert(to, PeerLink { addr, queue: queue.clone() });
+        links.insert(
+            to,
+            PeerLink {
+                addr,
+                queue: queue.clone(),
+            },
+        );
         Some(queue)
     }
 
@@ -286,11 +292,9 @@ impl BatchSender {
                 to: self.to,
                 messages,
             };
-            let result = tokio::time::timeout(
-                self.config.request_timeout.get(),
-                self.client.send(batch),
-            )
-            .await;
+            let result =
+                tokio::time::timeout(self.config.request_timeout.get(), self.client.send(batch))
+                    .await;
             let error = match result {
                 Ok(Ok(_)) => {
                     if !reachable {
@@ -357,7 +361,10 @@ impl SnapshotTransfer {
                 let mut buf = vec![0u8; chunk_size];
                 let mut filled = 0;
                 while filled < buf.len() {
-                    let n = file.read(&mut buf[filled..]).await.map_err(|e| e.to_string())?;
+                    let n = file
+                        .read(&mut buf[filled..])
+                        .await
+                        .map_err(|e| e.to_string())?;
                     if n == 0 {
                         break;
                     }
@@ -440,7 +447,9 @@ impl PeerService {
             )));
         }
         if from == 0 || from == self.id {
-            return Err(Status::invalid_argument(format!("invalid sender id {from}")));
+            return Err(Status::invalid_argument(format!(
+                "invalid sender id {from}"
+            )));
         }
         Ok(())
     }
@@ -472,7 +481,9 @@ pub(crate) fn decode_message(bytes: &[u8], from: u64, to: u64) -> Result<Message
         | MessageType::MsgBeat
         | MessageType::MsgUnreachable
         | MessageType::MsgSnapStatus
-        | MessageType::MsgCheckQuorum => Err(format!("{:?} is a local message", message.get_msg_type())),
+        | MessageType::MsgCheckQuorum => {
+            Err(format!("{:?} is a local message", message.get_msg_type()))
+        }
         MessageType::MsgSnapshot => Err("snapshots travel through SendSnapshot".to_string()),
         _ => Ok(message),
     }
@@ -512,15 +523,18 @@ impl RaftPeer for PeerService {
         let received = receive_snapshot(&mut stream, &self.snapshot_dir).await?;
         let header = received.header;
         self.check_envelope(&header.cluster, header.to, header.from)?;
-        let mut message = Message::parse_from_bytes(&header.message)
-            .map_err(|e| Status::invalid_argument(format!("snapshot message does not decode: {e}")))?;
+        let mut message = Message::parse_from_bytes(&header.message).map_err(|e| {
+            Status::invalid_argument(format!("snapshot message does not decode: {e}"))
+        })?;
         if message.get_msg_type() != MessageType::MsgSnapshot
             || message.from != header.from
             || message.to != header.to
             || message.get_snapshot().get_metadata().index == 0
         {
             let _ = std::fs::remove_file(self.snapshot_dir.join(&received.file));
-            return Err(Status::invalid_argument("snapshot header carries no valid MsgSnapshot"));
+            return Err(Status::invalid_argument(
+                "snapshot header carries no valid MsgSnapshot",
+            ));
         }
         let descriptor = SnapshotDescriptor {
             file: received.file,
@@ -558,7 +572,8 @@ async fn receive_snapshot(
         .ok_or_else(|| Status::invalid_argument("first snapshot chunk has no header"))?;
     let name = format!("recv-{}-{}.snap", header.from, rand::random::<u64>());
     let tmp = dir.join(format!("{name}.tmp"));
-    let internal = |what: &str, e: std::io::Error| Status::internal(format!("{what} {}: {e}", tmp.display()));
+    let internal =
+        |what: &str, e: std::io::Error| Status::internal(format!("{what} {}: {e}", tmp.display()));
     let mut file = tokio::fs::File::create(&tmp)
         .await
         .map_err(|e| internal("create", e))?;
@@ -575,7 +590,9 @@ async fn receive_snapshot(
                 )));
             }
             crc = crc32c::crc32c_append(crc, &current.data);
-            file.write_all(&current.data).await.map_err(|e| internal("write", e))?;
+            file.write_all(&current.data)
+                .await
+                .map_err(|e| internal("write", e))?;
             chunk = stream.next().await.transpose()?;
         }
         if size != header.size || crc != header.crc32c {

@@ -188,7 +188,11 @@ impl LeaderClient {
 
     /// The known endpoints (configured ones plus leaders learned from hints).
     pub fn endpoints(&self) -> Vec<String> {
-        self.lock().endpoints.iter().map(|(addr, _)| addr.clone()).collect()
+        self.lock()
+            .endpoints
+            .iter()
+            .map(|(addr, _)| addr.clone())
+            .collect()
     }
 
     /// A channel to one specific endpoint, for calls that must not move (e.g. per-node status).
@@ -267,7 +271,9 @@ impl LeaderClient {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ClientState> {
         // The state is a plain index and map; a panic elsewhere cannot leave it inconsistent.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn pick(&self) -> (String, Channel) {

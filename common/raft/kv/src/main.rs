@@ -1,0 +1,2 @@
+//! The `ff-kv` binary (placeholder until the CLI lands).
+fn main() {}

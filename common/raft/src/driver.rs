@@ -377,39 +377,44 @@ impl Driver {
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
         }
+        // Persist first and acknowledge at once: applying committed entries is kept off the
+        // path of the acknowledgements that commit the next ones.
         let restore = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
-        let committed = ready.take_committed_entries();
-        let conf_changes = self.prepare_conf_changes(&committed);
-        let batch = WriteBatch {
-            restore,
-            entries: ready.take_entries(),
-            hard_state: ready.hs().cloned(),
-            committed,
-            conf_changes,
-            sync: ready.must_sync(),
-            ..WriteBatch::default()
-        };
-        let outcome = self.write(batch).await?;
-        self.after_write(outcome);
+        let entries = ready.take_entries();
+        let hard_state = ready.hs().cloned();
+        if restore.is_some() || !entries.is_empty() || hard_state.is_some() {
+            let outcome = self
+                .write(WriteBatch {
+                    restore,
+                    entries,
+                    hard_state,
+                    sync: ready.must_sync(),
+                    ..WriteBatch::default()
+                })
+                .await?;
+            self.after_write(outcome);
+        }
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
         }
         let read_states = ready.take_read_states();
-        let mut light = self.raw.advance(ready);
+        let mut committed = ready.take_committed_entries();
+        let mut light = self.raw.advance_append(ready);
         if !light.messages().is_empty() {
             self.transport.send(light.take_messages());
         }
-        let committed = light.take_committed_entries();
+        committed.append(&mut light.take_committed_entries());
         let commit = light.commit_index();
         if !committed.is_empty() || commit.is_some() {
             let conf_changes = self.prepare_conf_changes(&committed);
-            let batch = WriteBatch {
-                commit,
-                committed,
-                conf_changes,
-                ..WriteBatch::default()
-            };
-            let outcome = self.write(batch).await?;
+            let outcome = self
+                .write(WriteBatch {
+                    commit,
+                    committed,
+                    conf_changes,
+                    ..WriteBatch::default()
+                })
+                .await?;
             self.after_write(outcome);
         }
         self.raw.advance_apply();
@@ -516,11 +521,6 @@ impl Driver {
             }
             match (pending.waiter, applied.result) {
                 (Waiter::Proposal(reply), AppliedResult::Proposal(result)) => {
-                    let outcome = match &result {
-                        Ok(_) => "applied",
-                        Err(_) => "invalid",
-                    };
-                    self.metrics.proposals.with_label_values(&[outcome]).inc();
                     let _ = reply.send(result.map_err(RaftError::InvalidCommand));
                 }
                 (Waiter::ConfChange(reply), AppliedResult::ConfChange(result)) => {

@@ -6,10 +6,13 @@
 //! to a cluster, brings up a local cluster (`up`), runs a failover demo (`demo`) and measures
 //! commit throughput (`bench`).
 
+pub mod bench;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod local;
 pub mod machine;
+pub mod procs;
 pub mod server;
 
 /// Generated command and query types.

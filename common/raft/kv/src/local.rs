@@ -106,7 +106,7 @@ impl LocalCluster {
         raft.initial_members = initial_members;
         KvConfig {
             listen_addr: addr.to_string(),
-            metrics_addr: String::new(),
+            metrics_addr: "127.0.0.1:0".to_string(),
             raft,
         }
     }
@@ -148,6 +148,11 @@ impl LocalCluster {
             .and_then(|n| n.server.as_ref())
             .map(KvServer::node)
             .ok_or(LocalError::NotRunning(id))
+    }
+
+    /// The metrics endpoint of running node `id`.
+    pub fn metrics_addr(&self, id: u64) -> Option<std::net::SocketAddr> {
+        self.nodes.get(&id)?.server.as_ref()?.metrics_addr()
     }
 
     /// The gRPC address of node `id` (running or not).

@@ -2,11 +2,14 @@
 //!
 //! It ticks the logical clock, steps messages from peers, turns local requests into proposals
 //! and read-index requests, and handles every `Ready` exactly as raft-rs requires: messages a
-//! leader may send before persisting go out first; entries, hard state, snapshot and committed
-//! entries are written in one transaction (fsync'd when raft-rs says `must_sync`); only then go
-//! the messages that depend on persistence; then `advance`, and the `LightReady` it returns is
-//! handled the same way. Storage work runs on the blocking pool; while it runs, new requests
-//! queue up and are carried by the next `Ready` — that is the group commit.
+//! leader may send before persisting go out first; a snapshot is installed, then entries and
+//! hard state are written to the log (fsync'd when raft-rs says `must_sync`); only then go the
+//! messages that depend on persistence; then `advance_append`, whose `LightReady` is handled
+//! the same way. Committed entries go to the apply worker (`apply`), which applies them to the
+//! state machine while the loop persists and replicates the next ones; its results come back
+//! here, where waiters are answered and `advance_apply_to` is called. Log writes run on the
+//! blocking pool; while one runs, new requests queue up and are carried by the next `Ready` —
+//! that is the group commit.
 //!
 //! Proposals are remembered by the (index, term) raft gave them. When that entry is applied
 //! the waiter gets the state machine's response; if another entry lands at that index, or this
@@ -14,29 +17,30 @@
 //! same request id, which the apply path deduplicates.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{
-    ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, MessageType, Snapshot,
-    SnapshotMetadata,
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType,
+    Snapshot, SnapshotMetadata,
 };
 use raft::{RawNode, ReadState, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::apply::{Applied, ApplyTask};
 use crate::config::RaftConfig;
+use crate::db::IndexTerm;
 use crate::error::RaftError;
+use crate::log_store::{LogBatch, LogOutcome, LogStore, RaftStorage};
 use crate::metrics::RaftMetrics;
 use crate::node::{GroupStatus, MemberStatus, Role};
 use crate::proto::{MemberContext, SnapshotDescriptor};
 use crate::snapshot;
-use crate::state_machine::ErasedStateMachine;
-use crate::storage::{
-    AppliedResult, ConfOutcome, LogStore, MemberUpdate, RaftStorage, WriteBatch, WriteOutcome,
-};
+use crate::state_store::{AppliedResult, ConfOutcome, MemberUpdate, StateStore};
 use crate::transport::{PeerEvent, Transport};
 
 /// Most queued events or requests handled per loop turn before the loop looks at `Ready`.
@@ -97,14 +101,17 @@ pub(crate) struct DriverParts {
     pub id: u64,
     pub config: RaftConfig,
     pub raw: RawNode<RaftStorage>,
-    pub store: Arc<LogStore>,
-    pub sm: Arc<dyn ErasedStateMachine>,
+    pub log: Arc<LogStore>,
+    pub state: Arc<StateStore>,
+    pub snapshot_dir: PathBuf,
     pub transport: Arc<Transport>,
     pub metrics: RaftMetrics,
     pub commands: mpsc::Receiver<Command>,
     pub events: mpsc::Receiver<PeerEvent>,
     pub shutdown: watch::Receiver<bool>,
     pub status: Arc<watch::Sender<GroupStatus>>,
+    pub applied: IndexTerm,
+    pub conf_state: ConfState,
     pub members: BTreeMap<u64, String>,
 }
 
@@ -115,14 +122,27 @@ pub(crate) struct Driver {
     id: u64,
     config: RaftConfig,
     raw: RawNode<RaftStorage>,
-    store: Arc<LogStore>,
-    sm: Arc<dyn ErasedStateMachine>,
+    log: Arc<LogStore>,
+    state: Arc<StateStore>,
+    snapshot_dir: PathBuf,
     transport: Arc<Transport>,
     metrics: RaftMetrics,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Receiver<PeerEvent>,
     shutdown: watch::Receiver<bool>,
     status: Arc<watch::Sender<GroupStatus>>,
+    /// Committed entries on their way to the apply worker, and its results.
+    apply_tasks: Option<mpsc::Sender<ApplyTask>>,
+    apply_results: mpsc::Receiver<Result<Applied, RaftError>>,
+    apply_thread: Option<std::thread::JoinHandle<()>>,
+    /// Position of the last entry the apply worker reported applied.
+    applied: IndexTerm,
+    /// Highest index whose application is durable; the log is never compacted past it.
+    durable_applied: u64,
+    /// A commit index learned from a `LightReady`, written with the next log write.
+    pending_commit: Option<u64>,
+    /// The configuration as of the last membership change handed to the apply worker.
+    conf_state: ConfState,
     /// Member addresses as last applied.
     members: BTreeMap<u64, String>,
     /// Proposals and membership changes appended by this leader, by log index.
@@ -141,20 +161,40 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
-    pub(crate) fn new(parts: DriverParts) -> Self {
+    pub(crate) fn new(parts: DriverParts) -> Result<Self, RaftError> {
         let (snapshot_results_tx, snapshot_results) = mpsc::channel(1);
-        Driver {
+        let (apply_tasks, apply_rx) = mpsc::channel(crate::apply::APPLY_QUEUE_CAPACITY);
+        let (results_tx, apply_results) = mpsc::channel(crate::apply::APPLY_QUEUE_CAPACITY);
+        let apply_thread = crate::apply::spawn(
+            parts.id,
+            durable_every(&parts.config),
+            parts.state.clone(),
+            parts.snapshot_dir.clone(),
+            parts.applied,
+            apply_rx,
+            results_tx,
+        )
+        .map_err(|e| RaftError::Stopped(format!("cannot start the apply thread: {e}")))?;
+        Ok(Driver {
             id: parts.id,
             config: parts.config,
             raw: parts.raw,
-            store: parts.store,
-            sm: parts.sm,
+            log: parts.log,
+            state: parts.state,
+            snapshot_dir: parts.snapshot_dir,
             transport: parts.transport,
             metrics: parts.metrics,
             commands: parts.commands,
             events: parts.events,
             shutdown: parts.shutdown,
             status: parts.status,
+            apply_tasks: Some(apply_tasks),
+            apply_results,
+            apply_thread: Some(apply_thread),
+            applied: parts.applied,
+            durable_applied: parts.applied.index,
+            pending_commit: None,
+            conf_state: parts.conf_state,
             members: parts.members,
             pending: BTreeMap::new(),
             queued_reads: Vec::new(),
@@ -165,7 +205,7 @@ impl Driver {
             snapshot_results_tx,
             generating_snapshot: false,
             role: StateRole::Follower,
-        }
+        })
     }
 
     /// Runs until shutdown or a fatal storage error.
@@ -177,6 +217,11 @@ impl Driver {
             Ok(()) => "the node is shutting down".to_string(),
             Err(error) => format!("the node failed: {error}"),
         });
+        // Closing the queue lets the worker finish what it has and make it durable.
+        self.apply_tasks = None;
+        if let Some(thread) = self.apply_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         result
     }
 
@@ -193,9 +238,13 @@ impl Driver {
                 _ = ticker.tick() => {
                     self.raw.tick();
                 }
+                Some(result) = self.apply_results.recv() => self.on_applied(result?),
                 Some(result) = self.snapshot_results.recv() => self.on_snapshot_generated(result),
                 Some(event) = self.events.recv() => self.on_event(event),
                 Some(command) = self.commands.recv(), if accepting => self.on_command(command),
+            }
+            while let Ok(result) = self.apply_results.try_recv() {
+                self.on_applied(result?);
             }
             for _ in 0..DRAIN_LIMIT {
                 match self.events.try_recv() {
@@ -254,7 +303,7 @@ impl Driver {
             let accepted =
                 self.raw.snap().and_then(snapshot_file).as_deref() == Some(file.as_str());
             if !accepted {
-                let _ = std::fs::remove_file(self.store.snapshot_dir().join(&file));
+                let _ = std::fs::remove_file(self.snapshot_dir.join(&file));
             }
         }
     }
@@ -358,7 +407,7 @@ impl Driver {
     }
 
     fn resolve_reads(&mut self) {
-        let applied = self.store.applied().index;
+        let applied = self.applied.index;
         let waiting = std::mem::take(&mut self.reads_waiting_apply);
         for (index, waiter) in waiting {
             if index <= applied {
@@ -377,49 +426,86 @@ impl Driver {
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
         }
-        // Persist first and acknowledge at once: applying committed entries is kept off the
-        // path of the acknowledgements that commit the next ones.
-        let restore = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
-        let entries = ready.take_entries();
-        let hard_state = ready.hs().cloned();
-        if restore.is_some() || !entries.is_empty() || hard_state.is_some() {
-            let outcome = self
-                .write(WriteBatch {
-                    restore,
-                    entries,
-                    hard_state,
-                    sync: ready.must_sync(),
-                    ..WriteBatch::default()
-                })
-                .await?;
-            self.after_write(outcome);
+        let mut batch = LogBatch {
+            entries: ready.take_entries(),
+            hard_state: ready.hs().cloned(),
+            commit: self.pending_commit.take(),
+            sync: ready.must_sync(),
+            ..LogBatch::default()
+        };
+        if !ready.snapshot().is_empty() {
+            let snapshot = ready.snapshot().clone();
+            batch.install = Some(self.install_snapshot(snapshot).await?);
         }
+        let batch_install = batch.install;
+        let outcome = self.write_log(batch).await?;
+        self.after_log_write(&outcome);
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
         }
         let read_states = ready.take_read_states();
         let mut committed = ready.take_committed_entries();
         let mut light = self.raw.advance_append(ready);
+        if let Some(installed) = batch_install {
+            // raft-rs learns the snapshot is persisted in advance_append; only then may the
+            // applied index move to it.
+            self.raw.advance_apply_to(installed.index);
+        }
         if !light.messages().is_empty() {
             self.transport.send(light.take_messages());
         }
         committed.append(&mut light.take_committed_entries());
-        let commit = light.commit_index();
-        if !committed.is_empty() || commit.is_some() {
-            let conf_changes = self.prepare_conf_changes(&committed);
-            let outcome = self
-                .write(WriteBatch {
-                    commit,
-                    committed,
-                    conf_changes,
-                    ..WriteBatch::default()
-                })
-                .await?;
-            self.after_write(outcome);
+        if let Some(commit) = light.commit_index() {
+            self.pending_commit = Some(commit);
         }
-        self.raw.advance_apply();
+        if !committed.is_empty() {
+            let conf_changes = self.prepare_conf_changes(&committed);
+            self.hand_to_apply(ApplyTask::Entries {
+                entries: committed,
+                conf_changes,
+            })
+            .await?;
+        }
         self.on_read_states(read_states);
         Ok(())
+    }
+
+    /// Installs a snapshot from the leader into the state machine (through the apply worker,
+    /// after everything handed to it before); returns the position the log restarts from.
+    async fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<IndexTerm, RaftError> {
+        let (done, answer) = oneshot::channel();
+        self.hand_to_apply(ApplyTask::Restore { snapshot, done })
+            .await?;
+        let restored = answer
+            .await
+            .map_err(|_| RaftError::Stopped("the apply thread stopped".to_string()))??;
+        // Results of entries applied before the snapshot are still queued; take them first.
+        while let Ok(result) = self.apply_results.try_recv() {
+            self.on_applied(result?);
+        }
+        tracing::info!(
+            node = self.id,
+            index = restored.applied.index,
+            "snapshot installed"
+        );
+        self.applied = restored.applied;
+        self.durable_applied = restored.applied.index;
+        self.conf_state = restored.conf_state;
+        self.transport.set_members(&restored.members);
+        self.members = restored.members;
+        self.resolve_reads();
+        Ok(restored.applied)
+    }
+
+    async fn hand_to_apply(&self, task: ApplyTask) -> Result<(), RaftError> {
+        let tasks = self
+            .apply_tasks
+            .as_ref()
+            .ok_or_else(|| RaftError::Stopped("the apply thread stopped".to_string()))?;
+        tasks
+            .send(task)
+            .await
+            .map_err(|_| RaftError::Stopped("the apply thread stopped".to_string()))
     }
 
     fn on_role(&mut self, role: StateRole) {
@@ -442,11 +528,7 @@ impl Driver {
     /// the storage write records the outcome in the same transaction as everything else.
     fn prepare_conf_changes(&mut self, committed: &[Entry]) -> BTreeMap<u64, ConfOutcome> {
         let mut outcomes = BTreeMap::new();
-        let applied = self.store.applied().index;
         for entry in committed {
-            if entry.index <= applied {
-                continue;
-            }
             let outcome = match entry.get_entry_type() {
                 EntryType::EntryConfChange => match ConfChange::parse_from_bytes(&entry.data) {
                     Ok(change) => {
@@ -474,52 +556,64 @@ impl Driver {
                 },
                 EntryType::EntryNormal => continue,
             };
+            if let ConfOutcome::Applied { conf_state, .. } = &outcome {
+                self.conf_state = conf_state.clone();
+            }
             outcomes.insert(entry.index, outcome);
         }
         outcomes
     }
 
-    async fn write(&self, batch: WriteBatch) -> Result<WriteOutcome, RaftError> {
-        let store = self.store.clone();
-        let sm = self.sm.clone();
-        let window = self.config.dedup_window;
-        tokio::task::spawn_blocking(move || store.write(batch, sm.as_ref(), window))
+    async fn write_log(&self, batch: LogBatch) -> Result<LogOutcome, RaftError> {
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || log.write(batch))
             .await
-            .map_err(|e| RaftError::Stopped(format!("storage task failed: {e}")))?
+            .map_err(|e| RaftError::Stopped(format!("log write task failed: {e}")))?
+            .map_err(RaftError::from)
     }
 
-    fn after_write(&mut self, outcome: WriteOutcome) {
+    fn after_log_write(&self, outcome: &LogOutcome) {
         if let Some(time) = outcome.sync_time {
             self.metrics.fsync_seconds.observe(time.as_secs_f64());
             self.metrics
                 .write_batch_entries
                 .observe(outcome.appended as f64);
         }
-        if !outcome.applied.is_empty() {
-            self.metrics
-                .apply_batch_entries
-                .observe(outcome.applied.len() as f64);
-        }
         if outcome.compacted {
             self.metrics.compactions.inc();
         }
-        if let Some(members) = outcome.members {
+    }
+
+    /// Takes a result of the apply worker: records progress and answers waiters.
+    fn on_applied(&mut self, applied: Applied) {
+        self.applied = applied.applied;
+        self.durable_applied = applied.durable;
+        self.raw.advance_apply_to(applied.applied.index);
+        if !applied.entries.is_empty() {
+            self.metrics
+                .apply_batch_entries
+                .observe(applied.entries.len() as f64);
+            self.metrics
+                .apply_seconds
+                .observe(applied.elapsed.as_secs_f64());
+        }
+        if let Some(members) = applied.members {
             self.transport.set_members(&members);
             self.members = members;
         }
         // Whoever gets an answer below must already see its entry in the status.
         self.publish_status();
         let mut last_applied = None;
-        for applied in outcome.applied {
-            last_applied = Some(applied.index);
-            let Some(pending) = self.pending.remove(&applied.index) else {
+        for entry in applied.entries {
+            last_applied = Some(entry.index);
+            let Some(pending) = self.pending.remove(&entry.index) else {
                 continue;
             };
-            if pending.term != applied.term {
+            if pending.term != entry.term {
                 pending.waiter.fail(RaftError::LeadershipLost);
                 continue;
             }
-            match (pending.waiter, applied.result) {
+            match (pending.waiter, entry.result) {
                 (Waiter::Proposal(reply), AppliedResult::Proposal(result)) => {
                     let _ = reply.send(result.map_err(RaftError::InvalidCommand));
                 }
@@ -545,38 +639,45 @@ impl Driver {
                 .pending_proposals
                 .set(self.pending.len() as i64);
         }
+        self.resolve_reads();
     }
 
+    /// Compacts the log once it holds `snapshot_threshold` applied entries, keeping
+    /// `log_retain_entries`, and never past what the state machine has made durable.
     async fn maybe_compact(&mut self) -> Result<(), RaftError> {
-        let applied = self.store.applied().index;
-        let truncated = self.store.truncated().index;
-        if applied.saturating_sub(truncated) < self.config.snapshot_threshold {
+        let truncated = self.log.truncated().index;
+        if self.applied.index.saturating_sub(truncated) < self.config.snapshot_threshold {
             return Ok(());
         }
-        let target = applied - self.config.log_retain_entries;
+        let target = self
+            .durable_applied
+            .min(self.applied.index)
+            .saturating_sub(self.config.log_retain_entries);
+        if target <= truncated {
+            return Ok(());
+        }
         let outcome = self
-            .write(WriteBatch {
+            .write_log(LogBatch {
                 compact_to: Some(target),
-                ..WriteBatch::default()
+                ..LogBatch::default()
             })
             .await?;
-        self.after_write(outcome);
+        self.after_log_write(&outcome);
         tracing::debug!(node = self.id, to = target, "log compacted");
         Ok(())
     }
 
     fn maybe_generate_snapshot(&mut self) {
-        if self.generating_snapshot || !self.store.take_snapshot_request() {
+        if self.generating_snapshot || !self.log.take_snapshot_request() {
             return;
         }
         self.generating_snapshot = true;
-        let store = self.store.clone();
-        let sm = self.sm.clone();
+        let state = self.state.clone();
+        let dir = self.snapshot_dir.clone();
         let cluster = self.config.cluster.clone();
         let results = self.snapshot_results_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let result =
-                snapshot::generate(store.db(), sm.as_ref(), store.snapshot_dir(), &cluster);
+            let result = snapshot::generate(state.db(), state.machine().as_ref(), &dir, &cluster);
             let _ = results.blocking_send(result);
         });
     }
@@ -592,7 +693,8 @@ impl Driver {
                     "snapshot generated"
                 );
                 self.metrics.snapshots_generated.inc();
-                self.store.set_latest_snapshot(metadata, descriptor);
+                self.log
+                    .set_latest_snapshot(&self.snapshot_dir, metadata, descriptor);
             }
             Err(error) => tracing::error!(node = self.id, %error, "snapshot generation failed"),
         }
@@ -600,9 +702,9 @@ impl Driver {
 
     fn publish_status(&mut self) {
         let raft = &self.raw.raft;
-        let conf = self.store.conf_state();
-        let applied = self.store.applied().index;
-        let (first_index, last_index) = self.store.first_and_last();
+        let conf = &self.conf_state;
+        let applied = self.applied.index;
+        let (first_index, last_index) = self.log.first_and_last();
         let is_leader = raft.state == StateRole::Leader;
         let in_voters = conf.voters.contains(&self.id);
         let in_learners = conf.learners.contains(&self.id);
@@ -696,6 +798,16 @@ impl Driver {
         self.status
             .send_modify(|status| status.role = Role::Stopped);
     }
+}
+
+/// How many applied entries may trail the last durable apply commit: small enough that the
+/// log can be compacted on schedule (compaction never passes the durable point).
+fn durable_every(config: &RaftConfig) -> u64 {
+    let slack = config
+        .snapshot_threshold
+        .saturating_sub(config.log_retain_entries)
+        / 2;
+    slack.clamp(1, 4096)
 }
 
 fn snapshot_file(snapshot: &Snapshot) -> Option<String> {

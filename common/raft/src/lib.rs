@@ -7,24 +7,28 @@
 //!
 //! - raft-rs 0.7 `RawNode` (protobuf codec, `check_quorum` and `pre_vote` on) driven by one
 //!   tokio task ([`driver`](crate::driver));
-//! - log, hard state, configuration, applied index and state machine in one redb database,
-//!   one transaction per `Ready`, fsync'd when raft-rs requires it (group commit);
+//! - log and hard state in `log.redb`, one fsync'd transaction per `Ready` (group commit);
+//!   state machine, applied index, configuration and request records in `state.redb`, applied
+//!   by a worker thread while the next entries are persisted;
 //! - proposals answered once applied, forwarded to the leader from followers, retried across
 //!   leader changes with one request id and applied at most once;
 //! - linearizable reads through ReadIndex, on any member;
 //! - log compaction, and snapshots streamed in chunks to members that fell behind it;
 //! - membership changes at runtime, new members catching up as learners before they vote.
 
+mod apply;
 mod config;
+mod db;
 mod driver;
 mod error;
+mod log_store;
 mod logging;
 mod metrics;
 mod node;
 mod service;
 mod snapshot;
 mod state_machine;
-mod storage;
+mod state_store;
 mod transport;
 
 /// Generated protobuf and gRPC types of ff-raft's services.

@@ -18,6 +18,7 @@ pub(crate) struct RaftMetrics {
     pub fsync_seconds: Histogram,
     pub write_batch_entries: Histogram,
     pub apply_batch_entries: Histogram,
+    pub apply_seconds: Histogram,
     pub messages_sent: IntCounter,
     pub messages_received: IntCounter,
     pub peer_send_failures: IntCounter,
@@ -98,6 +99,11 @@ impl RaftMetrics {
                 "raft_apply_batch_entries",
                 "Entries applied to the state machine in one transaction",
                 batch_buckets,
+            )?,
+            apply_seconds: histogram(
+                "raft_apply_seconds",
+                "Time to apply one batch of committed entries to the state machine",
+                prometheus::exponential_buckets(0.0001, 2.0, 16)?,
             )?,
             messages_sent: counter(
                 "raft_messages_sent_total",

@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 use crate::config::RaftConfig;
 use crate::driver::{Command, Driver, DriverParts, POLL};
 use crate::error::{RaftError, StateMachineError, StorageError};
+use crate::log_store::{LogStore, RaftStorage};
 use crate::logging;
 use crate::metrics::RaftMetrics;
 use crate::proto::raft_client::RaftClient;
@@ -32,7 +33,7 @@ use crate::proto::{
 };
 use crate::service::{FORWARDED_KEY, RaftApi};
 use crate::state_machine::{ErasedStateMachine, StateMachine};
-use crate::storage::{LogStore, RaftStorage};
+use crate::state_store::{RecoveredState, StateStore};
 use crate::transport::{EVENT_QUEUE_CAPACITY, PeerEvent, PeerService, Transport};
 
 /// What a node currently is in its group.
@@ -195,10 +196,12 @@ impl<S: StateMachine> RaftNode<S> {
         config.validate("raft")?;
         let metrics = RaftMetrics::register(registry)?;
         let sm: Arc<dyn ErasedStateMachine> = Arc::new(machine);
-        let (store, recovered) = {
+        let snapshot_dir = config.data_dir.join("snapshots");
+        let (state, log, recovered) = {
             let config = config.clone();
             let sm = sm.clone();
-            tokio::task::spawn_blocking(move || LogStore::open(&config, sm.as_ref()))
+            let dir = snapshot_dir.clone();
+            tokio::task::spawn_blocking(move || open_storage(&config, sm, &dir))
                 .await
                 .map_err(|e| RaftError::Stopped(format!("storage open task failed: {e}")))??
         };
@@ -206,7 +209,7 @@ impl<S: StateMachine> RaftNode<S> {
             id: config.node_id,
             election_tick: config.election_ticks,
             heartbeat_tick: config.heartbeat_ticks,
-            applied: recovered.applied,
+            applied: recovered.applied.index,
             max_size_per_msg: config.max_size_per_msg.bytes(),
             max_inflight_msgs: config.max_inflight_msgs,
             check_quorum: true,
@@ -217,7 +220,7 @@ impl<S: StateMachine> RaftNode<S> {
         raft_config.validate()?;
         let raw = RawNode::new(
             &raft_config,
-            RaftStorage(store.clone()),
+            RaftStorage(log.clone()),
             &logging::raft_logger(),
         )?;
 
@@ -231,12 +234,12 @@ impl<S: StateMachine> RaftNode<S> {
             config.advertise_addr.clone(),
             config.transport.clone(),
             config.snapshot_chunk_size.as_usize(),
-            store.snapshot_dir().to_path_buf(),
+            snapshot_dir.clone(),
             event_tx.clone(),
             metrics.clone(),
         ));
         transport.set_members(&recovered.members);
-        let (first_index, last_index) = store.first_and_last();
+        let (first_index, last_index) = log.first_and_last();
         let initial = GroupStatus {
             id: config.node_id,
             cluster: config.cluster.clone(),
@@ -245,7 +248,7 @@ impl<S: StateMachine> RaftNode<S> {
             leader_id: 0,
             leader_addr: None,
             commit_index: raw.raft.raft_log.committed,
-            applied_index: recovered.applied,
+            applied_index: recovered.applied.index,
             first_index,
             last_index,
             members: Vec::new(),
@@ -256,16 +259,19 @@ impl<S: StateMachine> RaftNode<S> {
             id: config.node_id,
             config: config.clone(),
             raw,
-            store: store.clone(),
-            sm: sm.clone(),
+            log,
+            state: state.clone(),
+            snapshot_dir: snapshot_dir.clone(),
             transport: transport.clone(),
             metrics: metrics.clone(),
             commands: command_rx,
             events: event_rx,
             shutdown: shutdown_rx,
             status: status_tx.clone(),
+            applied: recovered.applied,
+            conf_state: recovered.conf_state,
             members: recovered.members,
-        });
+        })?;
         let node_id = config.node_id;
         let driver_task = tokio::spawn(driver.run());
         let monitor = tokio::spawn(async move {
@@ -285,8 +291,8 @@ impl<S: StateMachine> RaftNode<S> {
         });
         let core = NodeCore {
             id: config.node_id,
-            snapshot_dir: store.snapshot_dir().to_path_buf(),
-            db: store.db().clone(),
+            snapshot_dir,
+            db: state.db().clone(),
             config,
             commands: command_tx,
             status: status_rx,
@@ -707,7 +713,7 @@ impl NodeCore {
             let txn = db
                 .begin_read()
                 .map_err(|e| StorageError::db("begin read", e))?;
-            let applied = crate::storage::applied_in(&txn)?;
+            let applied = crate::state_store::applied_in(&txn)?;
             match sm.query_bytes(&txn, &query)? {
                 Ok(response) => Ok((response, applied)),
                 Err(reason) => Err(RaftError::InvalidQuery(reason)),
@@ -946,4 +952,28 @@ impl NodeCore {
             }
         }
     }
+}
+
+/// Opens `state.redb` first (it knows the applied position), then `log.redb`, reconciled with it.
+fn open_storage(
+    config: &RaftConfig,
+    sm: Arc<dyn ErasedStateMachine>,
+    snapshot_dir: &std::path::Path,
+) -> Result<(Arc<StateStore>, Arc<LogStore>, RecoveredState), RaftError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        StorageError::io(
+            format!("create data directory {}", config.data_dir.display()),
+            e,
+        )
+    })?;
+    std::fs::create_dir_all(snapshot_dir).map_err(|e| {
+        StorageError::io(
+            format!("create snapshot directory {}", snapshot_dir.display()),
+            e,
+        )
+    })?;
+    crate::snapshot::remove_partial_files(snapshot_dir);
+    let (state, recovered) = StateStore::open(config, sm)?;
+    let log = LogStore::open(config, recovered.applied, recovered.conf_state.clone())?;
+    Ok((Arc::new(state), Arc::new(log), recovered))
 }

@@ -26,7 +26,7 @@ use redb::{Database, ReadableDatabase, WriteTransaction};
 use crate::error::{RaftError, StorageError};
 use crate::proto::{SnapshotDescriptor, SnapshotMeta};
 use crate::state_machine::ErasedStateMachine;
-use crate::storage;
+use crate::state_store;
 
 const MAGIC: &[u8; 8] = b"FFSNAP01";
 /// Bytes of a file that are not metadata or state machine data.
@@ -93,7 +93,7 @@ pub(crate) fn generate(
     let txn = db
         .begin_read()
         .map_err(|e| StorageError::db("begin snapshot read", e))?;
-    let meta = storage::snapshot_meta(&txn, cluster)?;
+    let meta = state_store::snapshot_meta(&txn, cluster)?;
     let conf_state = ConfState::parse_from_bytes(&meta.conf_state)
         .map_err(|e| StorageError::Corrupt(format!("stored conf state: {e}")))?;
     let name = format!("gen-{}-{}.snap", meta.index, meta.term);
@@ -132,14 +132,15 @@ pub(crate) fn generate(
     Ok((metadata, descriptor))
 }
 
-/// Replaces the whole replicated state in `txn` with the snapshot in `path`. Fails, leaving
-/// `txn` to be dropped uncommitted, if the file is damaged or is not the one raft expects.
+/// Restores the state machine in `txn` from the snapshot in `path` and returns ff-raft's part
+/// of it for the caller to restore. Fails, leaving `txn` to be dropped uncommitted, if the file
+/// is damaged or is not the one raft expects.
 pub(crate) fn restore(
     txn: &WriteTransaction,
     path: &Path,
     expected: &SnapshotMetadata,
     sm: &dyn ErasedStateMachine,
-) -> Result<(), RaftError> {
+) -> Result<SnapshotMeta, RaftError> {
     let display = path.display().to_string();
     let corrupt = |what: String| StorageError::Corrupt(format!("snapshot {display}: {what}"));
     let file = File::open(path).map_err(io_err(format!("open {display}")))?;
@@ -183,7 +184,6 @@ pub(crate) fn restore(
         ))
         .into());
     }
-    storage::restore_meta(txn, &meta)?;
     let data_len = size - FRAMING - meta_len;
     let mut data = (&mut reader).take(data_len);
     sm.restore(txn, &mut data)?;
@@ -198,7 +198,7 @@ pub(crate) fn restore(
     if u32::from_le_bytes(trailer) != computed {
         return Err(corrupt("checksum mismatch".to_string()).into());
     }
-    Ok(())
+    Ok(meta)
 }
 
 /// Deletes every file in the snapshot directory: after a restart no transfer is in flight and

@@ -1,0 +1,541 @@
+//! The raft log and hard state in `log.redb`, and raft-rs's `Storage` view of them.
+//!
+//! Every write of new entries or of a changed term/vote commits with fsync
+//! (`Durability::Immediate`); it is the only work on the path of an acknowledgement, so it holds
+//! nothing but log pages (the state machine lives in `state.redb`, see `state_store`). A small
+//! in-memory cache of recent entries serves raft-rs's reads for replication without touching
+//! the database.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::config::RaftConfig;
+use crate::db::{
+    INIT, IndexTerm, META, check_identity, db_err, decode_pb, encode_pb, get_meta, open_database,
+    require_meta,
+};
+use crate::error::StorageError;
+use crate::proto::SnapshotDescriptor;
+
+const LOG: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new("raft_log");
+const KEY_HARD_STATE: &str = "hard_state";
+const KEY_TRUNCATED: &str = "truncated";
+
+/// In-memory mirror of the durable log state, updated after each committed write.
+#[derive(Debug, Default)]
+struct Core {
+    hard_state: HardState,
+    /// The configuration at start; raft-rs reads it once, then tracks changes itself.
+    conf_state: ConfState,
+    truncated: IndexTerm,
+    last_index: u64,
+    /// Contiguous most recent entries; when not empty, the back is `last_index`.
+    cache: VecDeque<Entry>,
+    cache_bytes: usize,
+}
+
+/// The latest generated snapshot, and whether raft asked for a newer one.
+#[derive(Debug, Default)]
+struct SnapshotSlot {
+    latest: Option<(SnapshotMetadata, SnapshotDescriptor)>,
+    requested: bool,
+}
+
+/// One durable write to the log.
+#[derive(Debug, Default)]
+pub(crate) struct LogBatch {
+    /// A snapshot was installed at this position: drop the whole log first.
+    pub install: Option<IndexTerm>,
+    /// New entries; they replace stored entries at the same or higher indexes.
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+    /// A newer commit index to record with the hard state.
+    pub commit: Option<u64>,
+    /// Drop entries up to this index.
+    pub compact_to: Option<u64>,
+    /// Whether the commit must be durable before returning.
+    pub sync: bool,
+}
+
+impl LogBatch {
+    fn is_empty(&self) -> bool {
+        self.install.is_none()
+            && self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.commit.is_none()
+            && self.compact_to.is_none()
+    }
+}
+
+/// What one log write did.
+#[derive(Debug, Default)]
+pub(crate) struct LogOutcome {
+    /// Time the durable commit took, when it was durable.
+    pub sync_time: Option<Duration>,
+    /// Entries written.
+    pub appended: usize,
+    /// Whether entries were compacted away.
+    pub compacted: bool,
+}
+
+/// The durable raft log of one node.
+pub(crate) struct LogStore {
+    db: Database,
+    path: PathBuf,
+    core: RwLock<Core>,
+    snapshot: Mutex<SnapshotSlot>,
+    cache_limit: usize,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl LogStore {
+    /// Opens (or creates) `log.redb` and reconciles it with the state machine's applied
+    /// position: a log that does not hold `applied` with the same term (a snapshot was installed
+    /// in the state machine but the crash came before the log was reset) is reset to it.
+    pub(crate) fn open(
+        config: &RaftConfig,
+        applied: IndexTerm,
+        conf_state: ConfState,
+    ) -> Result<LogStore, StorageError> {
+        let path = config.data_dir.join("log.redb");
+        let db = open_database(&path, config.verify_on_open)?;
+        let txn = db.begin_write().map_err(db_err("begin log open"))?;
+        {
+            let mut meta = txn.open_table(META).map_err(db_err("open raft_meta"))?;
+            txn.open_table(LOG).map_err(db_err("open raft_log"))?;
+            check_identity(&mut meta, config, &config.data_dir)?;
+            if get_meta(&meta, KEY_HARD_STATE)?.is_none() {
+                let founding = config
+                    .initial_members
+                    .iter()
+                    .any(|m| m.id == config.node_id);
+                let (hard_state, truncated) = if founding {
+                    let mut hs = HardState::default();
+                    hs.term = INIT.term;
+                    hs.commit = INIT.index;
+                    (hs, INIT)
+                } else {
+                    (HardState::default(), IndexTerm::default())
+                };
+                meta.insert(
+                    KEY_HARD_STATE,
+                    encode_pb(&hard_state, "hard state")?.as_slice(),
+                )
+                .map_err(db_err("write hard state"))?;
+                meta.insert(KEY_TRUNCATED, truncated.encode().as_slice())
+                    .map_err(db_err("write truncated index"))?;
+            }
+        }
+        txn.commit().map_err(db_err("commit log open"))?;
+
+        let store = LogStore {
+            db,
+            path,
+            core: RwLock::new(Core::default()),
+            snapshot: Mutex::new(SnapshotSlot::default()),
+            cache_limit: config.entry_cache_size.as_usize(),
+        };
+        store.load(conf_state)?;
+        let truncated = store.truncated();
+        if applied.index < truncated.index {
+            return Err(StorageError::Corrupt(format!(
+                "{}: the log was compacted to {} but the state machine has only applied {}",
+                store.path.display(),
+                truncated.index,
+                applied.index
+            )));
+        }
+        if store.term_of(applied.index)? != Some(applied.term) {
+            tracing::info!(
+                index = applied.index,
+                term = applied.term,
+                "log does not hold the applied position; resetting it there"
+            );
+            store.write(LogBatch {
+                install: Some(applied),
+                sync: true,
+                ..LogBatch::default()
+            })?;
+        }
+        // raft-rs refuses an applied index above the commit index.
+        if store.core().hard_state.commit < applied.index {
+            store.write(LogBatch {
+                commit: Some(applied.index),
+                sync: true,
+                ..LogBatch::default()
+            })?;
+        }
+        Ok(store)
+    }
+
+    fn load(&self, conf_state: ConfState) -> Result<(), StorageError> {
+        let txn = self.db.begin_read().map_err(db_err("begin read"))?;
+        let meta = txn.open_table(META).map_err(db_err("open raft_meta"))?;
+        let log = txn.open_table(LOG).map_err(db_err("open raft_log"))?;
+        let hard_state = decode_pb(&require_meta(&meta, KEY_HARD_STATE)?, "hard state")?;
+        let truncated = IndexTerm::decode(&require_meta(&meta, KEY_TRUNCATED)?, "truncated index")?;
+        let last_index = match log.last().map_err(db_err("read last log entry"))? {
+            Some((index, _)) => index.value(),
+            None => truncated.index,
+        };
+        if last_index < truncated.index {
+            return Err(StorageError::Corrupt(format!(
+                "{}: last log entry {last_index} is below the compaction point {}",
+                self.path.display(),
+                truncated.index
+            )));
+        }
+        *self.core_mut() = Core {
+            hard_state,
+            conf_state,
+            truncated,
+            last_index,
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+        };
+        Ok(())
+    }
+
+    fn core(&self) -> std::sync::RwLockReadGuard<'_, Core> {
+        // Core is replaced field by field under the write lock with no fallible step in between,
+        // so a poisoned lock still holds a consistent value.
+        self.core.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn core_mut(&self) -> std::sync::RwLockWriteGuard<'_, Core> {
+        self.core.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, SnapshotSlot> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// First and last index held.
+    pub(crate) fn first_and_last(&self) -> (u64, u64) {
+        let core = self.core();
+        (core.truncated.index + 1, core.last_index)
+    }
+
+    /// The compaction point.
+    pub(crate) fn truncated(&self) -> IndexTerm {
+        self.core().truncated
+    }
+
+    /// Whether raft asked for a snapshot that is not generated yet; clears the request.
+    pub(crate) fn take_snapshot_request(&self) -> bool {
+        std::mem::take(&mut self.slot().requested)
+    }
+
+    /// Publishes a newly generated snapshot and deletes the file of the one it replaces.
+    pub(crate) fn set_latest_snapshot(
+        &self,
+        dir: &Path,
+        metadata: SnapshotMetadata,
+        descriptor: SnapshotDescriptor,
+    ) {
+        let mut slot = self.slot();
+        if let Some((_, old)) = slot.latest.take() {
+            // A transfer still streaming the old file keeps its open handle.
+            if old.file != descriptor.file {
+                let _ = std::fs::remove_file(dir.join(&old.file));
+            }
+        }
+        slot.latest = Some((metadata, descriptor));
+    }
+
+    /// The term of the entry at `index`, `None` if the log does not hold it.
+    fn term_of(&self, index: u64) -> Result<Option<u64>, StorageError> {
+        let core = self.core();
+        if index == core.truncated.index {
+            return Ok(Some(core.truncated.term));
+        }
+        if index < core.truncated.index || index > core.last_index {
+            return Ok(None);
+        }
+        if let Some(front) = core.cache.front().filter(|f| f.index <= index) {
+            return Ok(core
+                .cache
+                .get((index - front.index) as usize)
+                .map(|e| e.term));
+        }
+        drop(core);
+        Ok(self
+            .read_entries(index, index + 1, None)?
+            .first()
+            .map(|e| e.term))
+    }
+
+    /// Performs one log write in a single transaction.
+    pub(crate) fn write(&self, batch: LogBatch) -> Result<LogOutcome, StorageError> {
+        let mut outcome = LogOutcome::default();
+        if batch.is_empty() {
+            return Ok(outcome);
+        }
+        let (mut hard_state, mut truncated, mut last_index) = {
+            let core = self.core();
+            (core.hard_state.clone(), core.truncated, core.last_index)
+        };
+        let hard_state_before = hard_state.clone();
+        let mut reset_cache = false;
+        let mut truncate_cache_from = None;
+
+        let mut txn = self.db.begin_write().map_err(db_err("begin log write"))?;
+        let durability = if batch.sync {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        txn.set_durability(durability)
+            .map_err(|e| StorageError::Corrupt(format!("cannot set durability: {e}")))?;
+        {
+            let mut log = txn.open_table(LOG).map_err(db_err("open raft_log"))?;
+            if let Some(position) = batch.install {
+                log.retain(|_, _| false).map_err(db_err("clear log"))?;
+                truncated = position;
+                last_index = position.index;
+                hard_state.commit = hard_state.commit.max(position.index);
+                reset_cache = true;
+            }
+            if let Some(first) = batch.entries.first().map(|e| e.index) {
+                if first > last_index + 1 || first <= truncated.index {
+                    return Err(StorageError::Corrupt(format!(
+                        "appending entries from {first} to a log holding {}..={last_index}",
+                        truncated.index + 1
+                    )));
+                }
+                if first <= last_index {
+                    log.retain_in(first.., |_, _| false)
+                        .map_err(db_err("truncate conflicting log entries"))?;
+                    truncate_cache_from = Some(first);
+                }
+                for entry in &batch.entries {
+                    let bytes = encode_pb(entry, "log entry")?;
+                    log.insert(entry.index, bytes.as_slice())
+                        .map_err(db_err("append log entry"))?;
+                }
+                last_index = batch.entries.last().map_or(last_index, |e| e.index);
+                outcome.appended = batch.entries.len();
+            }
+            if let Some(target) = batch
+                .compact_to
+                .filter(|t| *t > truncated.index && *t <= last_index)
+            {
+                let term = match log.get(target).map_err(db_err("read compaction point"))? {
+                    Some(bytes) => decode_pb::<Entry>(bytes.value(), "log entry")?.term,
+                    None => {
+                        return Err(StorageError::Corrupt(format!(
+                            "log entry {target} missing at compaction"
+                        )));
+                    }
+                };
+                log.retain_in(..=target, |_, _| false)
+                    .map_err(db_err("compact log"))?;
+                truncated = IndexTerm {
+                    index: target,
+                    term,
+                };
+                outcome.compacted = true;
+            }
+        }
+        if let Some(hs) = &batch.hard_state {
+            // The commit index only moves forward, whatever order updates arrive in.
+            let commit = hard_state.commit.max(hs.commit);
+            hard_state = hs.clone();
+            hard_state.commit = commit;
+        }
+        if let Some(commit) = batch.commit {
+            hard_state.commit = hard_state.commit.max(commit);
+        }
+        {
+            let mut meta = txn.open_table(META).map_err(db_err("open raft_meta"))?;
+            if hard_state != hard_state_before {
+                meta.insert(
+                    KEY_HARD_STATE,
+                    encode_pb(&hard_state, "hard state")?.as_slice(),
+                )
+                .map_err(db_err("write hard state"))?;
+            }
+            if outcome.compacted || batch.install.is_some() {
+                meta.insert(KEY_TRUNCATED, truncated.encode().as_slice())
+                    .map_err(db_err("write truncated index"))?;
+            }
+        }
+        let started = Instant::now();
+        txn.commit().map_err(db_err("commit log write"))?;
+        if batch.sync {
+            outcome.sync_time = Some(started.elapsed());
+        }
+
+        let mut core = self.core_mut();
+        if reset_cache {
+            core.cache.clear();
+            core.cache_bytes = 0;
+        }
+        if let Some(from) = truncate_cache_from {
+            while core.cache.back().is_some_and(|e| e.index >= from) {
+                if let Some(e) = core.cache.pop_back() {
+                    core.cache_bytes -= e.compute_size() as usize;
+                }
+            }
+        }
+        let contiguous = match (core.cache.back(), batch.entries.first()) {
+            (Some(back), Some(first)) => back.index + 1 == first.index,
+            _ => true,
+        };
+        if !contiguous {
+            core.cache.clear();
+            core.cache_bytes = 0;
+        }
+        for entry in batch.entries {
+            core.cache_bytes += entry.compute_size() as usize;
+            core.cache.push_back(entry);
+        }
+        while core.cache_bytes > self.cache_limit
+            || core
+                .cache
+                .front()
+                .is_some_and(|e| e.index <= truncated.index)
+        {
+            match core.cache.pop_front() {
+                Some(e) => core.cache_bytes -= e.compute_size() as usize,
+                None => break,
+            }
+        }
+        core.hard_state = hard_state;
+        core.truncated = truncated;
+        core.last_index = last_index;
+        Ok(outcome)
+    }
+
+    fn read_entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: Option<u64>,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let txn = self.db.begin_read().map_err(db_err("begin read"))?;
+        let log = txn.open_table(LOG).map_err(db_err("open raft_log"))?;
+        let mut entries = Vec::new();
+        let mut size = 0u64;
+        let mut cut = false;
+        for item in log.range(low..high).map_err(db_err("read log range"))? {
+            let (index, bytes) = item.map_err(db_err("read log entry"))?;
+            let entry: Entry = decode_pb(bytes.value(), "log entry")?;
+            let expected = low + entries.len() as u64;
+            if index.value() != expected || entry.index != expected {
+                return Err(StorageError::Corrupt(format!(
+                    "log has a gap: expected entry {expected}, found key {} holding entry {}",
+                    index.value(),
+                    entry.index
+                )));
+            }
+            size += u64::from(entry.compute_size());
+            if !entries.is_empty() && max_size.is_some_and(|max| size > max) {
+                cut = true;
+                break;
+            }
+            entries.push(entry);
+        }
+        if !cut && entries.len() as u64 != high - low {
+            return Err(StorageError::Corrupt(format!(
+                "log entries {low}..{high} are missing from {}",
+                low + entries.len() as u64
+            )));
+        }
+        Ok(entries)
+    }
+}
+
+/// raft-rs's view of the log. raft-rs treats any error but `Compacted`, `Unavailable` and
+/// `SnapshotTemporarilyUnavailable` as fatal, so database failures stop the node.
+pub(crate) struct RaftStorage(pub(crate) std::sync::Arc<LogStore>);
+
+fn other(error: StorageError) -> raft::Error {
+    raft::Error::Store(RaftStorageError::Other(Box::new(error)))
+}
+
+impl raft::Storage for RaftStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let core = self.0.core();
+        Ok(RaftState::new(
+            core.hard_state.clone(),
+            core.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into();
+        {
+            let core = self.0.core();
+            if low <= core.truncated.index {
+                return Err(raft::Error::Store(RaftStorageError::Compacted));
+            }
+            if high > core.last_index + 1 {
+                return Err(raft::Error::Store(RaftStorageError::Unavailable));
+            }
+            if let Some(front) = core.cache.front().filter(|f| f.index <= low) {
+                let start = (low - front.index) as usize;
+                let end = (high - front.index) as usize;
+                let mut entries: Vec<Entry> = core.cache.range(start..end).cloned().collect();
+                raft::util::limit_size(&mut entries, max_size);
+                return Ok(entries);
+            }
+        }
+        self.0.read_entries(low, high, max_size).map_err(other)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        let truncated = self.0.truncated().index;
+        match self.0.term_of(index).map_err(other)? {
+            Some(term) => Ok(term),
+            None if index < truncated => Err(raft::Error::Store(RaftStorageError::Compacted)),
+            None => Err(raft::Error::Store(RaftStorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.0.core().truncated.index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.0.core().last_index)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let truncated = self.0.truncated().index;
+        let mut slot = self.0.slot();
+        if let Some((metadata, descriptor)) = &slot.latest {
+            if metadata.index >= request_index && metadata.index >= truncated {
+                let mut snapshot = Snapshot::default();
+                snapshot.set_metadata(metadata.clone());
+                snapshot.data = descriptor.encode_to_vec().into();
+                return Ok(snapshot);
+            }
+        }
+        slot.requested = true;
+        Err(raft::Error::Store(
+            RaftStorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+}

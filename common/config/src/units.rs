@@ -95,7 +95,7 @@ impl fmt::Display for ByteSize {
             ("MiB", 1 << 20),
             ("KiB", 1 << 10),
         ] {
-            if self.0 >= multiplier && self.0 % multiplier == 0 {
+            if self.0 >= multiplier && self.0.is_multiple_of(multiplier) {
                 return write!(f, "{}{}", self.0 / multiplier, name);
             }
         }

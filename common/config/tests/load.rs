@@ -1,5 +1,8 @@
 //! Loading a small daemon config end to end: file, environment, validation, template.
 
+// Tests may panic on anything unexpected; that is how they fail.
+#![allow(clippy::unwrap_used)]
+
 use ff_config::{
     ByteSize, ConfigError, DaemonConfig, Duration, check_template, ensure, load_from_str,
 };

@@ -306,7 +306,8 @@ mod tests {
 
     #[test]
     fn contradictions_are_named() {
-        let cases: Vec<(Box<dyn Fn(&mut RaftConfig)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut RaftConfig)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|c| c.node_id = 0), "raft.node_id"),
             (Box::new(|c| c.election_ticks = 2), "raft.election_ticks"),
             (

@@ -213,7 +213,7 @@ impl Driver {
         let mut ticker = tokio::time::interval(self.config.tick_interval.get());
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let result = self.run_loop(&mut ticker).await;
-        self.fail_everything(match &result {
+        self.fail_everything(&match &result {
             Ok(()) => "the node is shutting down".to_string(),
             Err(error) => format!("the node failed: {error}"),
         });
@@ -765,32 +765,32 @@ impl Driver {
         });
     }
 
-    fn fail_everything(&mut self, reason: String) {
+    fn fail_everything(&mut self, reason: &str) {
         for (_, p) in std::mem::take(&mut self.pending) {
-            p.waiter.fail(RaftError::Stopped(reason.clone()));
+            p.waiter.fail(RaftError::Stopped(reason.to_string()));
         }
         for reply in std::mem::take(&mut self.queued_reads) {
-            let _ = reply.send(Err(RaftError::Stopped(reason.clone())));
+            let _ = reply.send(Err(RaftError::Stopped(reason.to_string())));
         }
         for batch in std::mem::take(&mut self.reads_in_flight) {
             for reply in batch.waiters {
-                let _ = reply.send(Err(RaftError::Stopped(reason.clone())));
+                let _ = reply.send(Err(RaftError::Stopped(reason.to_string())));
             }
         }
         for (_, reply) in std::mem::take(&mut self.reads_waiting_apply) {
-            let _ = reply.send(Err(RaftError::Stopped(reason.clone())));
+            let _ = reply.send(Err(RaftError::Stopped(reason.to_string())));
         }
         self.commands.close();
         while let Ok(command) = self.commands.try_recv() {
             match command {
                 Command::Propose { reply, .. } => {
-                    let _ = reply.send(Err(RaftError::Stopped(reason.clone())));
+                    let _ = reply.send(Err(RaftError::Stopped(reason.to_string())));
                 }
                 Command::ConfChange { reply, .. } => {
-                    let _ = reply.send(Err(RaftError::Stopped(reason.clone())));
+                    let _ = reply.send(Err(RaftError::Stopped(reason.to_string())));
                 }
                 Command::Read { reply } => {
-                    let _ = reply.send(Err(RaftError::Stopped(reason.clone())));
+                    let _ = reply.send(Err(RaftError::Stopped(reason.to_string())));
                 }
                 Command::TransferLeader { .. } => {}
             }

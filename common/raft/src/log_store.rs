@@ -125,9 +125,11 @@ impl LogStore {
                     .iter()
                     .any(|m| m.id == config.node_id);
                 let (hard_state, truncated) = if founding {
-                    let mut hs = HardState::default();
-                    hs.term = INIT.term;
-                    hs.commit = INIT.index;
+                    let hs = HardState {
+                        term: INIT.term,
+                        commit: INIT.index,
+                        ..HardState::default()
+                    };
                     (hs, INIT)
                 } else {
                     (HardState::default(), IndexTerm::default())
@@ -525,13 +527,14 @@ impl raft::Storage for RaftStorage {
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let truncated = self.0.truncated().index;
         let mut slot = self.0.slot();
-        if let Some((metadata, descriptor)) = &slot.latest {
-            if metadata.index >= request_index && metadata.index >= truncated {
-                let mut snapshot = Snapshot::default();
-                snapshot.set_metadata(metadata.clone());
-                snapshot.data = descriptor.encode_to_vec().into();
-                return Ok(snapshot);
-            }
+        if let Some((metadata, descriptor)) = &slot.latest
+            && metadata.index >= request_index
+            && metadata.index >= truncated
+        {
+            let mut snapshot = Snapshot::default();
+            snapshot.set_metadata(metadata.clone());
+            snapshot.data = descriptor.encode_to_vec().into();
+            return Ok(snapshot);
         }
         slot.requested = true;
         Err(raft::Error::Store(

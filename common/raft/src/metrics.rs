@@ -41,12 +41,20 @@ impl RaftMetrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let counter_vec =
-            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
+        // Every label value is created up front, so each series exists (at 0) from the start
+        // and rates and alerts work before the first event.
+        let counter_vec = |name: &str,
+                           help: &str,
+                           label: &str,
+                           values: &[&str]|
+         -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            for value in values {
+                c.with_label_values(&[*value]);
+            }
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
         let histogram =
             |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
                 let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
@@ -79,11 +87,13 @@ impl RaftMetrics {
                 "raft_proposals_total",
                 "Proposals submitted to this node, by outcome",
                 "outcome",
+                &["ok", "not_leader", "invalid", "timeout", "failed"],
             )?,
             reads: counter_vec(
                 "raft_reads_total",
                 "Reads served by this node, by consistency",
                 "consistency",
+                &["linearizable", "local"],
             )?,
             fsync_seconds: histogram(
                 "raft_fsync_seconds",
@@ -125,6 +135,7 @@ impl RaftMetrics {
                 "raft_snapshots_sent_total",
                 "Snapshots streamed to peers, by result",
                 "result",
+                &["ok", "failed"],
             )?,
             snapshots_received: counter(
                 "raft_snapshots_received_total",

@@ -495,10 +495,10 @@ impl NodeCore {
                         leader: current.leader_hint(),
                     });
                 }
-                if let Some(hint) = current.leader_hint() {
-                    if hint.id != self.id {
-                        return Ok(Route::Remote(hint.addr));
-                    }
+                if let Some(hint) = current.leader_hint()
+                    && hint.id != self.id
+                {
+                    return Ok(Route::Remote(hint.addr));
                 }
             }
             match tokio::time::timeout_at(deadline, status.changed()).await {

@@ -120,9 +120,11 @@ pub(crate) fn generate(
         .map_err(io_err(format!("fsync {}", tmp.display())))?;
     let path = dir.join(&name);
     std::fs::rename(&tmp, &path).map_err(io_err(format!("rename {}", tmp.display())))?;
-    let mut metadata = SnapshotMetadata::default();
-    metadata.index = meta.index;
-    metadata.term = meta.term;
+    let mut metadata = SnapshotMetadata {
+        index: meta.index,
+        term: meta.term,
+        ..SnapshotMetadata::default()
+    };
     metadata.set_conf_state(conf_state);
     let descriptor = SnapshotDescriptor {
         file: name,

@@ -325,17 +325,17 @@ impl StateStore {
             .id
             .filter(|id| id.client != 0)
             .map(|id| (id.client, id.seq));
-        if let Some(key) = id {
-            if let Some(record) = requests.get(key).map_err(db_err("read request record"))? {
-                let (index, bytes) = record.value();
-                // The window is measured from this entry, so every replica decides alike
-                // however its writes were batched.
-                if index.saturating_add(self.dedup_window) >= entry.index {
-                    let outcome = ApplyOutcome::decode(bytes).map_err(|e| {
-                        StorageError::Corrupt(format!("request record does not decode: {e}"))
-                    })?;
-                    return Ok(outcome_result(outcome));
-                }
+        if let Some(key) = id
+            && let Some(record) = requests.get(key).map_err(db_err("read request record"))?
+        {
+            let (index, bytes) = record.value();
+            // The window is measured from this entry, so every replica decides alike
+            // however its writes were batched.
+            if index.saturating_add(self.dedup_window) >= entry.index {
+                let outcome = ApplyOutcome::decode(bytes).map_err(|e| {
+                    StorageError::Corrupt(format!("request record does not decode: {e}"))
+                })?;
+                return Ok(outcome_result(outcome));
             }
         }
         let ctx = ApplyContext {

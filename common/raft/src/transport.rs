@@ -156,10 +156,10 @@ impl Transport {
 
     fn link(&self, to: u64) -> Option<mpsc::Sender<Message>> {
         let mut links = Self::lock(&self.links);
-        if let Some(link) = links.get(&to) {
-            if !link.queue.is_closed() {
-                return Some(link.queue.clone());
-            }
+        if let Some(link) = links.get(&to)
+            && !link.queue.is_closed()
+        {
+            return Some(link.queue.clone());
         }
         let addr = self.address_of(to)?;
         let channel = ff_rpc::channel(&addr, &self.rpc_options()).ok()?;

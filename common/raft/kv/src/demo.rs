@@ -39,40 +39,38 @@ pub async fn write_keys(
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Checks that every node holds exactly `expected` keys, each once-written with its own name
-/// as value; returns the key count.
-pub async fn verify_all_nodes(cluster: &ProcessCluster, expected: usize) -> anyhow::Result<usize> {
-    let mut reference: Option<BTreeMap<Vec<u8>, (Vec<u8>, u64)>> = None;
+/// Key -> (value, version) as one node holds it.
+pub type Contents = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
+
+/// Reads every node's contents from its own applied state (call after the cluster converged)
+/// and checks that all nodes hold the same keys and values and that no key was applied twice.
+pub async fn consistent_contents(cluster: &ProcessCluster) -> anyhow::Result<Contents> {
+    let mut reference: Option<(String, Contents)> = None;
     for endpoint in cluster.endpoints() {
-        let (items, applied) = cluster.client().scan_local(&endpoint, b"", b"", 0).await?;
-        let content: BTreeMap<_, _> = items
+        let (items, applied) = cluster
+            .client()
+            .scan_local(&endpoint, b"", b"", crate::machine::MAX_SCAN_LIMIT)
+            .await?;
+        let content: Contents = items
             .into_iter()
             .map(|i| (i.key, (i.value, i.version)))
             .collect();
-        anyhow::ensure!(
-            content.len() == expected,
-            "node {endpoint} holds {} keys at applied index {applied}, expected {expected}",
-            content.len()
-        );
-        for (key, (value, version)) in &content {
-            anyhow::ensure!(
-                value == key,
-                "node {endpoint}: key {key:?} has the wrong value"
-            );
+        for (key, (_, version)) in &content {
             anyhow::ensure!(
                 *version == 1,
-                "node {endpoint}: key {key:?} was applied {version} times"
+                "node {endpoint} (applied index {applied}): key {} was applied {version} times",
+                String::from_utf8_lossy(key)
             );
         }
         match &reference {
-            None => reference = Some(content),
-            Some(first) => anyhow::ensure!(
-                *first == content,
-                "node {endpoint} differs from the first node"
+            None => reference = Some((endpoint, content)),
+            Some((first, expected)) => anyhow::ensure!(
+                *expected == content,
+                "node {endpoint} (applied index {applied}) differs from node {first}"
             ),
         }
     }
-    Ok(expected)
+    Ok(reference.map(|(_, content)| content).unwrap_or_default())
 }
 
 /// Runs the demo on a started cluster; prints as it goes.
@@ -113,9 +111,16 @@ pub async fn run(cluster: &mut ProcessCluster, keys: usize) -> anyhow::Result<()
         "restarted node {leader}; all nodes applied index {index} after {:.2}s",
         restarted.elapsed().as_secs_f64()
     );
-    let total = verify_all_nodes(cluster, keys + more).await?;
+    let contents = consistent_contents(cluster).await?;
+    anyhow::ensure!(
+        contents.len() == keys + more && contents.iter().all(|(key, (value, _))| key == value),
+        "expected {} keys each holding its own name, found {}",
+        keys + more,
+        contents.len()
+    );
     println!(
-        "verified: all {total} keys present, identical and applied exactly once on every node"
+        "verified: all {} keys present, identical and applied exactly once on every node",
+        contents.len()
     );
 
     if let Some(metrics) = cluster.metrics_addr(new_leader).filter(|a| !a.is_empty()) {

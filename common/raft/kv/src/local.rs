@@ -223,10 +223,10 @@ impl LocalCluster {
                 .iter()
                 .find(|s| s.role == Role::Leader)
                 .map(|s| (s.id, s.term));
-            if let Some((id, term)) = leader {
-                if statuses.iter().all(|s| s.leader_id == id && s.term == term) {
-                    return Ok(id);
-                }
+            if let Some((id, term)) = leader
+                && statuses.iter().all(|s| s.leader_id == id && s.term == term)
+            {
+                return Ok(id);
             }
             if Instant::now() >= deadline {
                 return Err(LocalError::Timeout(format!(

@@ -143,9 +143,8 @@ impl StateMachine for KvMachine {
         table.retain(|_, _| false)?;
         loop {
             let mut len = [0u8; 4];
-            match read_exact_or_eof(input, &mut len)? {
-                false => return Ok(()),
-                true => {}
+            if !read_exact_or_eof(input, &mut len)? {
+                return Ok(());
             }
             let key = read_vec(input, u32::from_le_bytes(len) as usize, MAX_KEY_SIZE, "key")?;
             let mut version = [0u8; 8];

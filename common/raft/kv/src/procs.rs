@@ -230,11 +230,11 @@ impl ProcessCluster {
     pub fn exited(&mut self) -> Vec<(u64, Option<i32>)> {
         let mut exited = Vec::new();
         for (id, node) in &mut self.nodes {
-            if let Some(child) = &mut node.child {
-                if let Ok(Some(status)) = child.try_wait() {
-                    exited.push((*id, status.code()));
-                    node.child = None;
-                }
+            if let Some(child) = &mut node.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                exited.push((*id, status.code()));
+                node.child = None;
             }
         }
         exited
@@ -311,4 +311,22 @@ impl ProcessCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// A base port such that `count` consecutive loopback ports from it are free right now, for
+/// tests that run several process clusters side by side.
+pub fn free_port_block(count: u16) -> std::io::Result<u16> {
+    for _ in 0..200 {
+        let base: u16 = rand::random_range(20_000..60_000);
+        let listeners: Vec<_> = (0..count)
+            .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if listeners.len() == usize::from(count) {
+            return Ok(base);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no block of {count} free loopback ports found"),
+    ))
 }

@@ -1,6 +1,9 @@
 //! In-process three-node clusters over loopback gRPC: elections, replication, forwarding,
 //! linearizable reads across leader changes, catch-up by snapshot, and membership changes.
 
+// Tests may panic on anything unexpected; that is how they fail.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use ff_raft::{Consistency, RaftConfig, RaftNode, Role};

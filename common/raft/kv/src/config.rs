@@ -28,7 +28,7 @@ impl Default for KvConfig {
 
 impl DaemonConfig for KvConfig {
     const ENV_PREFIX: &'static str = "FF_KV";
-    const TEMPLATE: &'static str = include_str!("../ff-kv.toml");
+    const TEMPLATE: &'static str = include_str!("../../../../deploy/config/ff-kv.toml");
 
     fn validate(&self) -> Result<(), ConfigError> {
         ensure(

@@ -33,7 +33,8 @@ pub struct RaftConfig {
     pub max_size_per_msg: ByteSize,
     /// Most append messages in flight to one follower.
     pub max_inflight_msgs: usize,
-    /// Most proposals accepted by the leader and not yet applied; further proposals wait.
+    /// Most requests (proposals and reads) accepted by the raft loop and not yet answered;
+    /// further requests wait in the request queue.
     pub max_pending_proposals: usize,
     /// Capacity of the queue of local requests (proposals, reads, membership changes) waiting
     /// for the raft loop; callers wait when it is full.

@@ -227,7 +227,7 @@ impl Driver {
 
     async fn run_loop(&mut self, ticker: &mut tokio::time::Interval) -> Result<(), RaftError> {
         loop {
-            let accepting = self.pending.len() < self.config.max_pending_proposals;
+            let accepting = self.outstanding() < self.config.max_pending_proposals;
             tokio::select! {
                 biased;
                 changed = self.shutdown.changed() => {
@@ -253,7 +253,7 @@ impl Driver {
                 }
             }
             for _ in 0..DRAIN_LIMIT {
-                if self.pending.len() >= self.config.max_pending_proposals {
+                if self.outstanding() >= self.config.max_pending_proposals {
                     break;
                 }
                 match self.commands.try_recv() {
@@ -269,6 +269,19 @@ impl Driver {
             self.maybe_generate_snapshot();
             self.publish_status();
         }
+    }
+
+    /// Requests accepted from the queue and not answered yet; bounded by
+    /// `max_pending_proposals`, beyond which callers wait in the bounded request queue.
+    fn outstanding(&self) -> usize {
+        self.pending.len()
+            + self.queued_reads.len()
+            + self
+                .reads_in_flight
+                .iter()
+                .map(|b| b.waiters.len())
+                .sum::<usize>()
+            + self.reads_waiting_apply.len()
     }
 
     fn on_event(&mut self, event: PeerEvent) {

@@ -542,3 +542,141 @@ impl raft::Storage for RaftStorage {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use raft::Storage as _;
+
+    use super::*;
+    use crate::config::MemberConfig;
+
+    fn config(dir: &Path) -> RaftConfig {
+        RaftConfig {
+            data_dir: dir.to_path_buf(),
+            initial_members: vec![MemberConfig {
+                id: 1,
+                addr: "127.0.0.1:7100".to_string(),
+            }],
+            ..RaftConfig::default()
+        }
+    }
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: vec![index as u8; 10].into(),
+            ..Entry::default()
+        }
+    }
+
+    fn append(log: &LogStore, range: std::ops::RangeInclusive<u64>, term: u64) {
+        log.write(LogBatch {
+            entries: range.map(|i| entry(i, term)).collect(),
+            sync: true,
+            ..LogBatch::default()
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn entries_survive_reopen_and_conflicts_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap();
+        append(&log, 6..=20, 6);
+        // A new leader overwrites 15.. with its own term.
+        append(&log, 15..=17, 7);
+        drop(log);
+        let log = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap();
+        let storage = RaftStorage(std::sync::Arc::new(log));
+        assert_eq!(storage.last_index().unwrap(), 17);
+        assert_eq!(storage.term(14).unwrap(), 6);
+        assert_eq!(storage.term(15).unwrap(), 7);
+        let entries = storage
+            .entries(6, 18, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(entries.len(), 12);
+        assert!(
+            entries
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.index == 6 + i as u64)
+        );
+    }
+
+    #[test]
+    fn compaction_moves_the_first_index_and_keeps_the_boundary_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap();
+        append(&log, 6..=100, 6);
+        log.write(LogBatch {
+            compact_to: Some(60),
+            ..LogBatch::default()
+        })
+        .unwrap();
+        let storage = RaftStorage(std::sync::Arc::new(log));
+        assert_eq!(storage.first_index().unwrap(), 61);
+        assert_eq!(storage.term(60).unwrap(), 6);
+        assert!(storage.term(59).is_err());
+        assert!(
+            storage
+                .entries(50, 70, None, GetEntriesContext::empty(false))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_log_behind_or_diverging_from_the_applied_state_is_reset_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap();
+        append(&log, 6..=20, 6);
+        drop(log);
+
+        // The state holds index 18 with the same term: the log is kept.
+        let log = LogStore::open(
+            &config(dir.path()),
+            IndexTerm { index: 18, term: 6 },
+            ConfState::default(),
+        )
+        .unwrap();
+        assert_eq!(log.first_and_last(), (6, 20));
+        drop(log);
+
+        // A snapshot at 18 of term 9 went into the state, then the crash: the log is reset.
+        let log = LogStore::open(
+            &config(dir.path()),
+            IndexTerm { index: 18, term: 9 },
+            ConfState::default(),
+        )
+        .unwrap();
+        assert_eq!(log.first_and_last(), (19, 18));
+        assert_eq!(log.truncated(), IndexTerm { index: 18, term: 9 });
+        drop(log);
+
+        // A snapshot beyond the end of the log.
+        let log = LogStore::open(
+            &config(dir.path()),
+            IndexTerm { index: 40, term: 9 },
+            ConfState::default(),
+        )
+        .unwrap();
+        assert_eq!(log.first_and_last(), (41, 40));
+        let storage = RaftStorage(std::sync::Arc::new(log));
+        assert!(storage.initial_state().unwrap().hard_state.commit >= 40);
+    }
+
+    #[test]
+    fn a_state_behind_the_compaction_point_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap();
+        append(&log, 6..=100, 6);
+        log.write(LogBatch {
+            compact_to: Some(60),
+            ..LogBatch::default()
+        })
+        .unwrap();
+        drop(log);
+        let error = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap_err();
+        assert!(error.to_string().contains("compacted to 60"), "{error}");
+    }
+}

@@ -604,16 +604,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn compaction_moves_the_first_index_and_keeps_the_boundary_term() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap();
+    /// A log holding entries 6..=100 of term 6, compacted to 60.
+    fn compacted_log(dir: &Path) -> LogStore {
+        let log = LogStore::open(&config(dir), INIT, ConfState::default()).unwrap();
         append(&log, 6..=100, 6);
         log.write(LogBatch {
             compact_to: Some(60),
             ..LogBatch::default()
         })
         .unwrap();
+        log
+    }
+
+    #[test]
+    fn compaction_moves_the_first_index_and_keeps_the_boundary_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = compacted_log(dir.path());
         let storage = RaftStorage(std::sync::Arc::new(log));
         assert_eq!(storage.first_index().unwrap(), 61);
         assert_eq!(storage.term(60).unwrap(), 6);
@@ -668,13 +674,7 @@ mod tests {
     #[test]
     fn a_state_behind_the_compaction_point_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let log = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap();
-        append(&log, 6..=100, 6);
-        log.write(LogBatch {
-            compact_to: Some(60),
-            ..LogBatch::default()
-        })
-        .unwrap();
+        let log = compacted_log(dir.path());
         drop(log);
         let error = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap_err();
         assert!(error.to_string().contains("compacted to 60"), "{error}");

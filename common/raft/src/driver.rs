@@ -16,7 +16,7 @@
 //! node stops being leader, the waiter is told `LeadershipLost` and the caller retries with the
 //! same request id, which the apply path deduplicates.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use crate::config::RaftConfig;
 use crate::db::IndexTerm;
 use crate::error::RaftError;
 use crate::log_store::{LogBatch, LogOutcome, LogStore, RaftStorage};
+use crate::log_writer::{LogTask, Persisted};
 use crate::metrics::RaftMetrics;
 use crate::node::{GroupStatus, MemberStatus, Role};
 use crate::proto::{MemberContext, SnapshotDescriptor};
@@ -131,6 +132,16 @@ pub(crate) struct Driver {
     events: mpsc::Receiver<PeerEvent>,
     shutdown: watch::Receiver<bool>,
     status: Arc<watch::Sender<GroupStatus>>,
+    /// Staged log batches on their way to the log writer, and its results.
+    log_tasks: Option<mpsc::Sender<LogTask>>,
+    log_results: mpsc::Receiver<Result<Persisted, RaftError>>,
+    log_thread: Option<std::thread::JoinHandle<()>>,
+    /// Batches handed to the log writer and not yet reported durable.
+    log_writes_in_flight: usize,
+    /// Number of the last `Ready` taken from raft-rs.
+    last_ready: u64,
+    /// Messages that may only leave once their `Ready` (by number) is durable.
+    awaiting_persistence: VecDeque<(u64, Vec<Message>)>,
     /// Committed entries on their way to the apply worker, and its results.
     apply_tasks: Option<mpsc::Sender<ApplyTask>>,
     apply_results: mpsc::Receiver<Result<Applied, RaftError>>,
@@ -165,6 +176,11 @@ impl Driver {
         let (snapshot_results_tx, snapshot_results) = mpsc::channel(1);
         let (apply_tasks, apply_rx) = mpsc::channel(crate::apply::APPLY_QUEUE_CAPACITY);
         let (results_tx, apply_results) = mpsc::channel(crate::apply::APPLY_QUEUE_CAPACITY);
+        let (log_tasks, log_rx) = mpsc::channel(crate::log_writer::LOG_QUEUE_CAPACITY);
+        let (log_results_tx, log_results) = mpsc::channel(crate::log_writer::LOG_QUEUE_CAPACITY);
+        let log_thread =
+            crate::log_writer::spawn(parts.id, parts.log.clone(), log_rx, log_results_tx)
+                .map_err(|e| RaftError::Stopped(format!("cannot start the log thread: {e}")))?;
         let apply_thread = crate::apply::spawn(
             parts.id,
             durable_every(&parts.config),
@@ -188,6 +204,12 @@ impl Driver {
             events: parts.events,
             shutdown: parts.shutdown,
             status: parts.status,
+            log_tasks: Some(log_tasks),
+            log_results,
+            log_thread: Some(log_thread),
+            log_writes_in_flight: 0,
+            last_ready: 0,
+            awaiting_persistence: VecDeque::new(),
             apply_tasks: Some(apply_tasks),
             apply_results,
             apply_thread: Some(apply_thread),
@@ -217,9 +239,11 @@ impl Driver {
             Ok(()) => "the node is shutting down".to_string(),
             Err(error) => format!("the node failed: {error}"),
         });
-        // Closing the queue lets the worker finish what it has and make it durable.
+        // Closing the queues lets the workers finish what they have and make it durable.
+        self.log_tasks = None;
         self.apply_tasks = None;
-        if let Some(thread) = self.apply_thread.take() {
+        let threads = [self.log_thread.take(), self.apply_thread.take()];
+        for thread in threads.into_iter().flatten() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         result
@@ -238,10 +262,14 @@ impl Driver {
                 _ = ticker.tick() => {
                     self.raw.tick();
                 }
+                Some(result) = self.log_results.recv() => self.on_persisted(&result?),
                 Some(result) = self.apply_results.recv() => self.on_applied(result?),
                 Some(result) = self.snapshot_results.recv() => self.on_snapshot_generated(result),
                 Some(event) = self.events.recv() => self.on_event(event),
                 Some(command) = self.commands.recv(), if accepting => self.on_command(command),
+            }
+            while let Ok(result) = self.log_results.try_recv() {
+                self.on_persisted(&result?);
             }
             while let Ok(result) = self.apply_results.try_recv() {
                 self.on_applied(result?);
@@ -433,11 +461,19 @@ impl Driver {
 
     async fn handle_ready(&mut self) -> Result<(), RaftError> {
         let mut ready = self.raw.ready();
+        self.last_ready = ready.number();
         if let Some(soft) = ready.ss() {
             self.on_role(soft.raft_state);
         }
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            return self.handle_snapshot_ready(ready).await;
+        }
+        let committed = ready.take_committed_entries();
+        if !committed.is_empty() {
+            self.apply(committed).await?;
         }
         let mut batch = LogBatch {
             entries: ready.take_entries(),
@@ -446,11 +482,86 @@ impl Driver {
             sync: ready.must_sync(),
             ..LogBatch::default()
         };
-        if !ready.snapshot().is_empty() {
-            let snapshot = ready.snapshot().clone();
-            batch.install = Some(self.install_snapshot(snapshot).await?);
+        let persisted_messages = ready.take_persisted_messages();
+        let read_states = ready.take_read_states();
+        let number = ready.number();
+        if !batch.is_empty() {
+            // raft-rs must be able to read the batch before advance_append_async.
+            self.log.stage(&mut batch)?;
+            self.log_writes_in_flight += 1;
+            let tasks = self
+                .log_tasks
+                .as_ref()
+                .ok_or_else(|| RaftError::Stopped("the log thread stopped".to_string()))?;
+            tasks
+                .send(LogTask::Write {
+                    batch,
+                    ready: Some(number),
+                })
+                .await
+                .map_err(|_| RaftError::Stopped("the log thread stopped".to_string()))?;
         }
-        let batch_install = batch.install;
+        self.raw.advance_append_async(ready);
+        self.awaiting_persistence
+            .push_back((number, persisted_messages));
+        if self.log_writes_in_flight == 0 {
+            self.all_persisted();
+        }
+        self.on_read_states(read_states);
+        Ok(())
+    }
+
+    /// Takes a report of the log writer: raft-rs learns what is durable, and the messages that
+    /// waited for it leave.
+    fn on_persisted(&mut self, persisted: &Persisted) {
+        self.after_log_write(&persisted.outcome);
+        self.log_writes_in_flight -= persisted.batches;
+        if self.log_writes_in_flight == 0 {
+            self.all_persisted();
+            return;
+        }
+        if let Some(number) = persisted.ready {
+            self.raw.on_persist_ready(number);
+            self.release_messages(number);
+        }
+    }
+
+    /// Nothing is in flight: every `Ready` taken so far is durable.
+    fn all_persisted(&mut self) {
+        self.raw.on_persist_ready(self.last_ready);
+        self.release_messages(self.last_ready);
+    }
+
+    fn release_messages(&mut self, up_to: u64) {
+        while self
+            .awaiting_persistence
+            .front()
+            .is_some_and(|(n, _)| *n <= up_to)
+        {
+            if let Some((_, messages)) = self
+                .awaiting_persistence
+                .pop_front()
+                .filter(|(_, m)| !m.is_empty())
+            {
+                self.transport.send(messages);
+            }
+        }
+    }
+
+    /// A `Ready` with a snapshot from the leader is handled synchronously: everything queued
+    /// for the log is made durable first, the snapshot is installed, the log restarts after it.
+    async fn handle_snapshot_ready(&mut self, mut ready: raft::Ready) -> Result<(), RaftError> {
+        self.drain_log_writer().await?;
+        let snapshot = ready.snapshot().clone();
+        let position = self.install_snapshot(snapshot).await?;
+        let batch = LogBatch {
+            install: Some(position),
+            entries: ready.take_entries(),
+            hard_state: ready.hs().cloned(),
+            commit: self.pending_commit.take(),
+            sync: true,
+            ..LogBatch::default()
+        };
         let outcome = self.write_log(batch).await?;
         self.after_log_write(&outcome);
         if !ready.persisted_messages().is_empty() {
@@ -459,11 +570,9 @@ impl Driver {
         let read_states = ready.take_read_states();
         let mut committed = ready.take_committed_entries();
         let mut light = self.raw.advance_append(ready);
-        if let Some(installed) = batch_install {
-            // raft-rs learns the snapshot is persisted in advance_append; only then may the
-            // applied index move to it.
-            self.raw.advance_apply_to(installed.index);
-        }
+        // raft-rs learns the snapshot is persisted in advance_append; only then may the applied
+        // index move to it.
+        self.raw.advance_apply_to(position.index);
         if !light.messages().is_empty() {
             self.transport.send(light.take_messages());
         }
@@ -472,15 +581,43 @@ impl Driver {
             self.pending_commit = Some(commit);
         }
         if !committed.is_empty() {
-            let conf_changes = self.prepare_conf_changes(&committed);
-            self.hand_to_apply(ApplyTask::Entries {
-                entries: committed,
-                conf_changes,
-            })
-            .await?;
+            self.apply(committed).await?;
         }
         self.on_read_states(read_states);
         Ok(())
+    }
+
+    /// Waits until the log writer has made everything queued durable and processes its reports.
+    async fn drain_log_writer(&mut self) -> Result<(), RaftError> {
+        if self.log_writes_in_flight == 0 {
+            return Ok(());
+        }
+        let (done, drained) = oneshot::channel();
+        let tasks = self
+            .log_tasks
+            .as_ref()
+            .ok_or_else(|| RaftError::Stopped("the log thread stopped".to_string()))?;
+        tasks
+            .send(LogTask::Barrier(done))
+            .await
+            .map_err(|_| RaftError::Stopped("the log thread stopped".to_string()))?;
+        drained
+            .await
+            .map_err(|_| RaftError::Stopped("the log thread stopped".to_string()))?;
+        while let Ok(result) = self.log_results.try_recv() {
+            self.on_persisted(&result?);
+        }
+        Ok(())
+    }
+
+    /// Hands committed entries to the apply worker.
+    async fn apply(&mut self, committed: Vec<Entry>) -> Result<(), RaftError> {
+        let conf_changes = self.prepare_conf_changes(&committed);
+        self.hand_to_apply(ApplyTask::Entries {
+            entries: committed,
+            conf_changes,
+        })
+        .await
     }
 
     /// Installs a snapshot from the leader into the state machine (through the apply worker,
@@ -669,14 +806,21 @@ impl Driver {
         if target <= truncated {
             return Ok(());
         }
-        let outcome = self
-            .write_log(LogBatch {
-                compact_to: Some(target),
-                ..LogBatch::default()
-            })
-            .await?;
-        self.after_log_write(&outcome);
-        tracing::debug!(node = self.id, to = target, "log compacted");
+        let mut batch = LogBatch {
+            compact_to: Some(target),
+            ..LogBatch::default()
+        };
+        self.log.stage(&mut batch)?;
+        self.log_writes_in_flight += 1;
+        let tasks = self
+            .log_tasks
+            .as_ref()
+            .ok_or_else(|| RaftError::Stopped("the log thread stopped".to_string()))?;
+        tasks
+            .send(LogTask::Write { batch, ready: None })
+            .await
+            .map_err(|_| RaftError::Stopped("the log thread stopped".to_string()))?;
+        tracing::debug!(node = self.id, to = target, "log compaction queued");
         Ok(())
     }
 

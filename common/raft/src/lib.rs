@@ -22,6 +22,7 @@ mod db;
 mod driver;
 mod error;
 mod log_store;
+mod log_writer;
 mod logging;
 mod metrics;
 mod node;

@@ -37,6 +37,8 @@ struct Core {
     conf_state: ConfState,
     truncated: IndexTerm,
     last_index: u64,
+    /// Highest index known to be on disk; entries above it live only in the cache.
+    persisted_last: u64,
     /// Contiguous most recent entries; when not empty, the back is `last_index`.
     cache: VecDeque<Entry>,
     cache_bytes: usize,
@@ -63,10 +65,15 @@ pub(crate) struct LogBatch {
     pub compact_to: Option<u64>,
     /// Whether the commit must be durable before returning.
     pub sync: bool,
+    /// Set by `stage`: the compaction point with its term, if the compaction applies.
+    pub compacted: Option<IndexTerm>,
+    /// Set by `stage`: the last index of the log once this batch is written.
+    pub last_index_after: u64,
 }
 
 impl LogBatch {
-    fn is_empty(&self) -> bool {
+    /// Whether the batch asks for nothing.
+    pub(crate) fn is_empty(&self) -> bool {
         self.install.is_none()
             && self.entries.is_empty()
             && self.hard_state.is_none()
@@ -207,6 +214,7 @@ impl LogStore {
             conf_state,
             truncated,
             last_index,
+            persisted_last: last_index,
             cache: VecDeque::new(),
             cache_bytes: 0,
         };
@@ -282,78 +290,78 @@ impl LogStore {
             .map(|e| e.term))
     }
 
-    /// Performs one log write in a single transaction.
-    pub(crate) fn write(&self, batch: LogBatch) -> Result<LogOutcome, StorageError> {
-        let mut outcome = LogOutcome::default();
-        if batch.is_empty() {
-            return Ok(outcome);
-        }
-        let (mut hard_state, mut truncated, mut last_index) = {
-            let core = self.core();
-            (core.hard_state.clone(), core.truncated, core.last_index)
-        };
-        let hard_state_before = hard_state.clone();
-        let mut reset_cache = false;
-        let mut truncate_cache_from = None;
+    /// Writes one batch now: [`LogStore::stage`] then [`LogStore::persist`].
+    pub(crate) fn write(&self, mut batch: LogBatch) -> Result<LogOutcome, StorageError> {
+        self.stage(&mut batch)?;
+        self.persist(std::slice::from_ref(&batch))
+    }
 
-        let mut txn = self.db.begin_write().map_err(db_err("begin log write"))?;
-        let durability = if batch.sync {
-            Durability::Immediate
-        } else {
-            Durability::None
-        };
-        txn.set_durability(durability)
-            .map_err(|e| StorageError::Corrupt(format!("cannot set durability: {e}")))?;
-        {
-            let mut log = txn.open_table(LOG).map_err(db_err("open raft_log"))?;
-            if let Some(position) = batch.install {
-                log.retain(|_, _| false).map_err(db_err("clear log"))?;
-                truncated = position;
-                last_index = position.index;
-                hard_state.commit = hard_state.commit.max(position.index);
-                reset_cache = true;
-            }
-            if let Some(first) = batch.entries.first().map(|e| e.index) {
-                if first > last_index + 1 || first <= truncated.index {
-                    return Err(StorageError::Corrupt(format!(
-                        "appending entries from {first} to a log holding {}..={last_index}",
-                        truncated.index + 1
-                    )));
-                }
-                if first <= last_index {
-                    log.retain_in(first.., |_, _| false)
-                        .map_err(db_err("truncate conflicting log entries"))?;
-                    truncate_cache_from = Some(first);
-                }
-                for entry in &batch.entries {
-                    let bytes = encode_pb(entry, "log entry")?;
-                    log.insert(entry.index, bytes.as_slice())
-                        .map_err(db_err("append log entry"))?;
-                }
-                last_index = batch.entries.last().map_or(last_index, |e| e.index);
-                outcome.appended = batch.entries.len();
-            }
-            if let Some(target) = batch
-                .compact_to
-                .filter(|t| *t > truncated.index && *t <= last_index)
-            {
-                let term = match log.get(target).map_err(db_err("read compaction point"))? {
-                    Some(bytes) => decode_pb::<Entry>(bytes.value(), "log entry")?.term,
-                    None => {
-                        return Err(StorageError::Corrupt(format!(
-                            "log entry {target} missing at compaction"
-                        )));
-                    }
-                };
-                log.retain_in(..=target, |_, _| false)
-                    .map_err(db_err("compact log"))?;
-                truncated = IndexTerm {
+    /// Makes a batch visible to raft-rs (entries, last index, hard state, compaction point)
+    /// before it is on disk, as `advance_append_async` requires, and resolves what the disk
+    /// write needs (the merged hard state, the term at the compaction point). Batches must be
+    /// persisted in the order they were staged.
+    pub(crate) fn stage(&self, batch: &mut LogBatch) -> Result<(), StorageError> {
+        let compaction = match batch.compact_to {
+            Some(target) => match self.term_of(target)? {
+                Some(term) if target > self.truncated().index => Some(IndexTerm {
                     index: target,
                     term,
-                };
-                outcome.compacted = true;
+                }),
+                _ => None,
+            },
+            None => None,
+        };
+        let mut core = self.core_mut();
+        let mut hard_state = core.hard_state.clone();
+        if let Some(position) = batch.install {
+            core.cache.clear();
+            core.cache_bytes = 0;
+            core.truncated = position;
+            core.last_index = position.index;
+            hard_state.commit = hard_state.commit.max(position.index);
+        }
+        if let Some(first) = batch.entries.first().map(|e| e.index) {
+            if first > core.last_index + 1 || first <= core.truncated.index {
+                return Err(StorageError::Corrupt(format!(
+                    "appending entries from {first} to a log holding {}..={}",
+                    core.truncated.index + 1,
+                    core.last_index
+                )));
+            }
+            while core.cache.back().is_some_and(|e| e.index >= first) {
+                if let Some(e) = core.cache.pop_back() {
+                    core.cache_bytes -= e.compute_size() as usize;
+                }
+            }
+            // Anything below `first` that the cache does not hold is already on disk.
+            if core
+                .cache
+                .back()
+                .is_some_and(|back| back.index + 1 != first)
+            {
+                core.cache.clear();
+                core.cache_bytes = 0;
+            }
+            for entry in &batch.entries {
+                core.cache_bytes += entry.compute_size() as usize;
+                core.cache.push_back(entry.clone());
+            }
+            core.last_index = batch.entries.last().map_or(core.last_index, |e| e.index);
+            core.persisted_last = core.persisted_last.min(first - 1);
+        }
+        if let Some(position) = compaction {
+            core.truncated = position;
+            while core
+                .cache
+                .front()
+                .is_some_and(|e| e.index <= position.index)
+            {
+                if let Some(e) = core.cache.pop_front() {
+                    core.cache_bytes -= e.compute_size() as usize;
+                }
             }
         }
+        batch.compacted = compaction;
         if let Some(hs) = &batch.hard_state {
             // The commit index only moves forward, whatever order updates arrive in.
             let commit = hard_state.commit.max(hs.commit);
@@ -363,64 +371,85 @@ impl LogStore {
         if let Some(commit) = batch.commit {
             hard_state.commit = hard_state.commit.max(commit);
         }
+        batch.hard_state =
+            (hard_state != core.hard_state || batch.install.is_some()).then(|| hard_state.clone());
+        core.hard_state = hard_state;
+        batch.last_index_after = core.last_index;
+        Ok(())
+    }
+
+    /// Writes staged batches, in order, in one transaction: fsync'd if any of them must be.
+    pub(crate) fn persist(&self, batches: &[LogBatch]) -> Result<LogOutcome, StorageError> {
+        let mut outcome = LogOutcome::default();
+        let Some(last) = batches.last() else {
+            return Ok(outcome);
+        };
+        let sync = batches.iter().any(|b| b.sync);
+        let mut txn = self.db.begin_write().map_err(db_err("begin log write"))?;
+        let durability = if sync {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        txn.set_durability(durability)
+            .map_err(|e| StorageError::Corrupt(format!("cannot set durability: {e}")))?;
         {
+            let mut log = txn.open_table(LOG).map_err(db_err("open raft_log"))?;
             let mut meta = txn.open_table(META).map_err(db_err("open raft_meta"))?;
-            if hard_state != hard_state_before {
-                meta.insert(
-                    KEY_HARD_STATE,
-                    encode_pb(&hard_state, "hard state")?.as_slice(),
-                )
-                .map_err(db_err("write hard state"))?;
-            }
-            if outcome.compacted || batch.install.is_some() {
-                meta.insert(KEY_TRUNCATED, truncated.encode().as_slice())
-                    .map_err(db_err("write truncated index"))?;
+            for batch in batches {
+                if let Some(position) = batch.install {
+                    log.retain(|_, _| false).map_err(db_err("clear log"))?;
+                    meta.insert(KEY_TRUNCATED, position.encode().as_slice())
+                        .map_err(db_err("write truncated index"))?;
+                }
+                if let Some(first) = batch.entries.first().map(|e| e.index) {
+                    log.retain_in(first.., |_, _| false)
+                        .map_err(db_err("truncate conflicting log entries"))?;
+                    for entry in &batch.entries {
+                        let bytes = encode_pb(entry, "log entry")?;
+                        log.insert(entry.index, bytes.as_slice())
+                            .map_err(db_err("append log entry"))?;
+                    }
+                    outcome.appended += batch.entries.len();
+                }
+                if let Some(position) = batch.compacted {
+                    log.retain_in(..=position.index, |_, _| false)
+                        .map_err(db_err("compact log"))?;
+                    meta.insert(KEY_TRUNCATED, position.encode().as_slice())
+                        .map_err(db_err("write truncated index"))?;
+                    outcome.compacted = true;
+                }
+                if let Some(hard_state) = &batch.hard_state {
+                    meta.insert(
+                        KEY_HARD_STATE,
+                        encode_pb(hard_state, "hard state")?.as_slice(),
+                    )
+                    .map_err(db_err("write hard state"))?;
+                }
             }
         }
         let started = Instant::now();
         txn.commit().map_err(db_err("commit log write"))?;
-        if batch.sync {
+        if sync {
             outcome.sync_time = Some(started.elapsed());
         }
-
         let mut core = self.core_mut();
-        if reset_cache {
-            core.cache.clear();
-            core.cache_bytes = 0;
-        }
-        if let Some(from) = truncate_cache_from {
-            while core.cache.back().is_some_and(|e| e.index >= from) {
-                if let Some(e) = core.cache.pop_back() {
-                    core.cache_bytes -= e.compute_size() as usize;
-                }
-            }
-        }
-        let contiguous = match (core.cache.back(), batch.entries.first()) {
-            (Some(back), Some(first)) => back.index + 1 == first.index,
-            _ => true,
-        };
-        if !contiguous {
-            core.cache.clear();
-            core.cache_bytes = 0;
-        }
-        for entry in batch.entries {
-            core.cache_bytes += entry.compute_size() as usize;
-            core.cache.push_back(entry);
-        }
+        core.persisted_last = core
+            .persisted_last
+            .max(last.last_index_after)
+            .min(core.last_index);
+        // Only entries already on disk may leave the cache: raft-rs reads the others from it.
         while core.cache_bytes > self.cache_limit
-            || core
+            && core
                 .cache
                 .front()
-                .is_some_and(|e| e.index <= truncated.index)
+                .is_some_and(|e| e.index <= core.persisted_last)
         {
             match core.cache.pop_front() {
                 Some(e) => core.cache_bytes -= e.compute_size() as usize,
                 None => break,
             }
         }
-        core.hard_state = hard_state;
-        core.truncated = truncated;
-        core.last_index = last_index;
         Ok(outcome)
     }
 

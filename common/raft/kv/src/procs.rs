@@ -103,6 +103,16 @@ impl ProcessCluster {
                 },
             );
         }
+        // A node that cannot bind would only show up as a missing leader much later.
+        for node in nodes.values() {
+            for addr in [&node.addr, &node.metrics_addr] {
+                if !addr.is_empty() && std::net::TcpListener::bind(addr.as_str()).is_err() {
+                    anyhow::bail!(
+                        "{addr} is already in use (another cluster running?); choose other ports with --port / --metrics-port"
+                    );
+                }
+            }
+        }
         let endpoints = nodes.values().map(|n| n.addr.clone()).collect();
         let options = ff_rpc::ClientOptions {
             total_timeout: Duration::from_secs(30),

@@ -461,7 +461,6 @@ impl Driver {
 
     async fn handle_ready(&mut self) -> Result<(), RaftError> {
         let mut ready = self.raw.ready();
-        self.last_ready = ready.number();
         if let Some(soft) = ready.ss() {
             self.on_role(soft.raft_state);
         }
@@ -502,6 +501,8 @@ impl Driver {
                 .map_err(|_| RaftError::Stopped("the log thread stopped".to_string()))?;
         }
         self.raw.advance_append_async(ready);
+        // Only a Ready that has been advanced may be reported persisted.
+        self.last_ready = number;
         self.awaiting_persistence
             .push_back((number, persisted_messages));
         if self.log_writes_in_flight == 0 {
@@ -569,7 +570,9 @@ impl Driver {
         }
         let read_states = ready.take_read_states();
         let mut committed = ready.take_committed_entries();
+        let number = ready.number();
         let mut light = self.raw.advance_append(ready);
+        self.last_ready = number;
         // raft-rs learns the snapshot is persisted in advance_append; only then may the applied
         // index move to it.
         self.raw.advance_apply_to(position.index);

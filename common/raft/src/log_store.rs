@@ -39,6 +39,11 @@ struct Core {
     last_index: u64,
     /// Highest index known to be on disk; entries above it live only in the cache.
     persisted_last: u64,
+    /// (stage number, first index) of staged appends not yet on disk: a later append that
+    /// replaced entries keeps them off disk even after an earlier batch is written.
+    unpersisted: VecDeque<(u64, u64)>,
+    /// Number of the last staged batch.
+    stage_seq: u64,
     /// Contiguous most recent entries; when not empty, the back is `last_index`.
     cache: VecDeque<Entry>,
     cache_bytes: usize,
@@ -69,6 +74,8 @@ pub(crate) struct LogBatch {
     pub compacted: Option<IndexTerm>,
     /// Set by `stage`: the last index of the log once this batch is written.
     pub last_index_after: u64,
+    /// Set by `stage`: the batch's place in staging order.
+    pub stage_seq: u64,
 }
 
 impl LogBatch {
@@ -215,6 +222,8 @@ impl LogStore {
             truncated,
             last_index,
             persisted_last: last_index,
+            unpersisted: VecDeque::new(),
+            stage_seq: 0,
             cache: VecDeque::new(),
             cache_bytes: 0,
         };
@@ -349,6 +358,12 @@ impl LogStore {
             core.last_index = batch.entries.last().map_or(core.last_index, |e| e.index);
             core.persisted_last = core.persisted_last.min(first - 1);
         }
+        core.stage_seq += 1;
+        batch.stage_seq = core.stage_seq;
+        if let Some(first) = batch.entries.first().map(|e| e.index) {
+            let seq = core.stage_seq;
+            core.unpersisted.push_back((seq, first));
+        }
         if let Some(position) = compaction {
             core.truncated = position;
             while core
@@ -434,10 +449,21 @@ impl LogStore {
             outcome.sync_time = Some(started.elapsed());
         }
         let mut core = self.core_mut();
-        core.persisted_last = core
-            .persisted_last
-            .max(last.last_index_after)
-            .min(core.last_index);
+        while core
+            .unpersisted
+            .front()
+            .is_some_and(|(seq, _)| *seq <= last.stage_seq)
+        {
+            core.unpersisted.pop_front();
+        }
+        // Entries replaced by a batch staged after this one are not on disk yet.
+        let floor = core
+            .unpersisted
+            .iter()
+            .map(|(_, first)| first - 1)
+            .min()
+            .unwrap_or(u64::MAX);
+        core.persisted_last = last.last_index_after.min(floor).min(core.last_index);
         // Only entries already on disk may leave the cache: raft-rs reads the others from it.
         while core.cache_bytes > self.cache_limit
             && core
@@ -525,15 +551,39 @@ impl raft::Storage for RaftStorage {
             if high > core.last_index + 1 {
                 return Err(raft::Error::Store(RaftStorageError::Unavailable));
             }
-            if let Some(front) = core.cache.front().filter(|f| f.index <= low) {
-                let start = (low - front.index) as usize;
-                let end = (high - front.index) as usize;
-                let mut entries: Vec<Entry> = core.cache.range(start..end).cloned().collect();
+        }
+        // The cache holds every entry not yet on disk and maybe some below; what lies under the
+        // cache's front is on disk. The front only moves up, over entries already written, so
+        // each turn either finishes from the cache or reads a further stretch from disk.
+        let mut entries = Vec::new();
+        let mut next = low;
+        loop {
+            let disk_high = {
+                let core = self.0.core();
+                match core.cache.front() {
+                    Some(front) if front.index <= next => {
+                        let start = (next - front.index) as usize;
+                        let end = (high - front.index) as usize;
+                        entries.extend(core.cache.range(start..end).cloned());
+                        raft::util::limit_size(&mut entries, max_size);
+                        return Ok(entries);
+                    }
+                    Some(front) => front.index.min(high),
+                    None => high,
+                }
+            };
+            let part = self
+                .0
+                .read_entries(next, disk_high, max_size)
+                .map_err(other)?;
+            let complete = part.len() as u64 == disk_high - next;
+            entries.extend(part);
+            next = disk_high;
+            if !complete || next == high {
                 raft::util::limit_size(&mut entries, max_size);
                 return Ok(entries);
             }
         }
-        self.0.read_entries(low, high, max_size).map_err(other)
     }
 
     fn term(&self, index: u64) -> raft::Result<u64> {
@@ -707,5 +757,55 @@ mod tests {
         drop(log);
         let error = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap_err();
         assert!(error.to_string().contains("compacted to 60"), "{error}");
+    }
+
+    fn staged(log: &LogStore, range: std::ops::RangeInclusive<u64>, term: u64) -> LogBatch {
+        let mut batch = LogBatch {
+            entries: range.map(|i| entry(i, term)).collect(),
+            sync: true,
+            ..LogBatch::default()
+        };
+        log.stage(&mut batch).unwrap();
+        batch
+    }
+
+    fn no_cache(dir: &Path) -> RaftConfig {
+        RaftConfig {
+            entry_cache_size: ff_config::ByteSize(0),
+            ..config(dir)
+        }
+    }
+
+    #[test]
+    fn a_read_spanning_disk_and_the_unwritten_tail_returns_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(&no_cache(dir.path()), INIT, ConfState::default()).unwrap();
+        append(&log, 6..=20, 6); // on disk, evicted from the cache
+        let _queued = staged(&log, 21..=30, 6); // staged for the writer, not on disk yet
+        let storage = RaftStorage(std::sync::Arc::new(log));
+        let entries = storage
+            .entries(16, 31, Some(1 << 20), GetEntriesContext::empty(false))
+            .unwrap();
+        let indexes: Vec<u64> = entries.iter().map(|e| e.index).collect();
+        assert_eq!(indexes, (16..=30).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn entries_replaced_by_a_later_batch_stay_cached_until_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(&no_cache(dir.path()), INIT, ConfState::default()).unwrap();
+        append(&log, 6..=100, 6);
+        let first = staged(&log, 101..=110, 6);
+        let replacing = staged(&log, 105..=108, 7); // a new leader overwrites 105..
+        log.persist(std::slice::from_ref(&first)).unwrap(); // the writer took only the first
+        let storage = RaftStorage(std::sync::Arc::new(log));
+        assert_eq!(storage.term(106).unwrap(), 7);
+        assert_eq!(storage.last_index().unwrap(), 108);
+        storage.0.persist(std::slice::from_ref(&replacing)).unwrap();
+        assert_eq!(storage.term(106).unwrap(), 7);
+        drop(storage);
+        let log = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap();
+        assert_eq!(log.first_and_last(), (6, 108));
+        assert_eq!(log.term_of(106).unwrap(), Some(7));
     }
 }

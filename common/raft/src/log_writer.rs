@@ -73,6 +73,8 @@ pub(crate) fn spawn(
                     }
                 }
                 if !batches.is_empty() {
+                    // Tests slow the disk down here.
+                    fail::fail_point!("log_writer::before_persist");
                     let result = log
                         .persist(&batches)
                         .map_err(RaftError::from)

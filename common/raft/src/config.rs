@@ -53,7 +53,8 @@ pub struct RaftConfig {
     /// Size of the chunks snapshots are streamed in.
     pub snapshot_chunk_size: ByteSize,
     /// A retried request is recognised as a duplicate if it arrives within this many log
-    /// entries of the first copy.
+    /// entries of the first copy (and its client has not marked it settled). Read only when
+    /// the group is founded; members added later take the group's value from their snapshot.
     pub dedup_window: u64,
     /// Memory for recent log entries kept to serve followers without reading the database.
     pub entry_cache_size: ByteSize,
@@ -120,7 +121,7 @@ impl Default for RaftConfig {
             snapshot_threshold: 10_000,
             log_retain_entries: 1_000,
             snapshot_chunk_size: ByteSize::mib(1),
-            dedup_window: 100_000,
+            dedup_window: 1_000_000,
             entry_cache_size: ByteSize::mib(64),
             verify_on_open: true,
             learner_catchup_timeout: Duration::secs(60),

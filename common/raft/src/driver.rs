@@ -222,7 +222,9 @@ impl Driver {
             queued_reads: Vec::new(),
             reads_in_flight: Vec::new(),
             reads_waiting_apply: Vec::new(),
-            next_read_ctx: 0,
+            // Random, so that a late answer meant for a previous run of this node never
+            // matches a read of this one.
+            next_read_ctx: rand::random(),
             snapshot_results,
             snapshot_results_tx,
             generating_snapshot: false,
@@ -421,7 +423,7 @@ impl Driver {
         if self.queued_reads.is_empty() {
             return;
         }
-        self.next_read_ctx += 1;
+        self.next_read_ctx = self.next_read_ctx.wrapping_add(1);
         let ctx = self.next_read_ctx.to_le_bytes().to_vec();
         self.raw.read_index(ctx.clone());
         self.reads_in_flight.push(ReadBatch {

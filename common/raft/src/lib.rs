@@ -26,6 +26,7 @@ mod log_writer;
 mod logging;
 mod metrics;
 mod node;
+mod request_id;
 mod service;
 mod snapshot;
 mod state_machine;
@@ -41,6 +42,7 @@ pub mod proto {
 pub use config::{MemberConfig, RaftConfig, TransportConfig};
 pub use error::{RaftError, StateMachineError, StorageError};
 pub use node::{Consistency, GroupStatus, MemberStatus, RaftNode, Role};
+pub use request_id::{RequestIds, RequestTicket};
 pub use service::{RaftApi, status_reply};
 pub use state_machine::{ApplyContext, StateMachine};
 pub use transport::PeerService;

@@ -134,6 +134,17 @@ impl LogStore {
             txn.open_table(LOG).map_err(db_err("open raft_log"))?;
             check_identity(&mut meta, config, &config.data_dir)?;
             if get_meta(&meta, KEY_HARD_STATE)?.is_none() {
+                // A fresh log next to a state that has moved on means the log was lost: this
+                // node's votes and acknowledged entries are gone, and raft's safety with them.
+                if applied.index > INIT.index {
+                    return Err(StorageError::Corrupt(format!(
+                        "{} is missing or empty, but state.redb has applied up to index {}; \
+                         restore the file, or move the node's data_dir aside and re-add the \
+                         node to the group",
+                        path.display(),
+                        applied.index
+                    )));
+                }
                 let founding = config
                     .initial_members
                     .iter()
@@ -807,5 +818,20 @@ mod tests {
         let log = LogStore::open(&config(dir.path()), INIT, ConfState::default()).unwrap();
         assert_eq!(log.first_and_last(), (6, 108));
         assert_eq!(log.term_of(106).unwrap(), Some(7));
+    }
+
+    #[test]
+    fn a_lost_log_next_to_an_advanced_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = LogStore::open(
+            &config(dir.path()),
+            IndexTerm { index: 50, term: 6 },
+            ConfState::default(),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("applied up to index 50"),
+            "{error}"
+        );
     }
 }

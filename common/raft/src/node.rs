@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +30,7 @@ use crate::proto::{
     AddMemberRequest, MemberContext, Proposal, ProposeRequest, RemoveMemberRequest, RequestId,
     TransferLeaderRequest,
 };
+use crate::request_id::RequestIds;
 use crate::service::{FORWARDED_KEY, RaftApi};
 use crate::state_machine::{ErasedStateMachine, StateMachine};
 use crate::state_store::{RecoveredState, StateStore};
@@ -153,8 +153,7 @@ pub(crate) struct NodeCore {
     events: mpsc::Sender<PeerEvent>,
     snapshot_dir: std::path::PathBuf,
     metrics: RaftMetrics,
-    request_client: u64,
-    next_seq: AtomicU64,
+    ids: RequestIds,
     channels: Mutex<HashMap<String, Channel>>,
     shutdown: watch::Sender<bool>,
     stopped: watch::Receiver<Option<String>>,
@@ -300,8 +299,7 @@ impl<S: StateMachine> RaftNode<S> {
             transport,
             events: event_tx,
             metrics,
-            request_client: rand::random_range(1..u64::MAX),
-            next_seq: AtomicU64::new(1),
+            ids: RequestIds::new(),
             channels: Mutex::new(HashMap::new()),
             shutdown: shutdown_tx,
             stopped: stopped_rx,
@@ -337,10 +335,10 @@ impl<S: StateMachine> RaftNode<S> {
     /// on a follower, the proposal is forwarded to the leader. Retries across leader changes
     /// reuse one request id, so the command is applied at most once.
     pub async fn propose(&self, command: S::Command) -> Result<S::Response, RaftError> {
-        let id = self.core.next_request_id();
+        let ticket = self.core.ids.begin();
         let bytes = self
             .core
-            .propose_bytes(id, command.encode_to_vec(), true)
+            .propose_bytes(ticket.id(), command.encode_to_vec(), true)
             .await?;
         S::Response::decode(bytes.as_slice()).map_err(|e| {
             RaftError::StateMachine(StateMachineError::Corrupt(format!(
@@ -449,11 +447,9 @@ impl NodeCore {
         self.status.borrow().clone()
     }
 
-    pub(crate) fn next_request_id(&self) -> RequestId {
-        RequestId {
-            client: self.request_client,
-            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-        }
+    /// Request ids of proposals made through this node without one of their own.
+    pub(crate) fn ids(&self) -> &RequestIds {
+        &self.ids
     }
 
     async fn wait_for_leader(&self, timeout: Duration) -> Result<u64, RaftError> {

@@ -68,9 +68,14 @@ impl Raft for RaftApi {
         let ProposeRequest { id, command } = request.into_inner();
         // A client without its own id still gets at-most-once application of this node's
         // internal retries.
-        let id = id
-            .filter(|id| id.client != 0)
-            .unwrap_or_else(|| self.core.next_request_id());
+        let ticket;
+        let id = match id.filter(|id| id.client != 0) {
+            Some(id) => id,
+            None => {
+                ticket = self.core.ids().begin();
+                ticket.id()
+            }
+        };
         let response = self.core.propose_bytes(id, command, forward).await?;
         Ok(Response::new(ProposeReply { response }))
     }

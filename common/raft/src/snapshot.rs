@@ -31,6 +31,8 @@ use crate::state_store;
 const MAGIC: &[u8; 8] = b"FFSNAP01";
 /// Bytes of a file that are not metadata or state machine data.
 const FRAMING: u64 = 8 + 8 + 4;
+/// The smallest possible snapshot file.
+pub(crate) const MIN_FILE_SIZE: u64 = FRAMING;
 /// Largest metadata section accepted when reading, so a damaged length cannot exhaust memory.
 const MAX_META_LEN: u64 = 1 << 30;
 

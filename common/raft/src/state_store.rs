@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message as _;
 use raft::prelude::{ConfState, Entry, EntryType, Snapshot};
@@ -40,6 +41,12 @@ const REQUESTS_BY_INDEX: TableDefinition<'static, u64, (u64, u64)> =
 
 const KEY_APPLIED: &str = "applied";
 const KEY_CONF_STATE: &str = "conf_state";
+/// The deduplication window is replicated state: set when the group is founded, carried by
+/// snapshots, so every replica decides alike.
+const KEY_DEDUP_WINDOW: &str = "dedup_window";
+
+/// Most settled request records of one client forgotten per applied entry.
+const MAX_SETTLED_PER_ENTRY: usize = 1024;
 
 /// Most expired deduplication records removed per write, to keep every write short.
 const MAX_EXPIRED_PER_WRITE: usize = 4096;
@@ -102,7 +109,9 @@ pub(crate) struct RecoveredState {
 pub(crate) struct StateStore {
     db: Arc<Database>,
     sm: Arc<dyn ErasedStateMachine>,
-    dedup_window: u64,
+    /// The group's deduplication window (see `KEY_DEDUP_WINDOW`); only the apply thread
+    /// changes it, when it installs a snapshot.
+    dedup_window: AtomicU64,
 }
 
 impl StateStore {
@@ -149,6 +158,11 @@ impl StateStore {
                 .map_err(db_err("write conf state"))?;
                 meta.insert(KEY_APPLIED, applied.encode().as_slice())
                     .map_err(db_err("write applied index"))?;
+                meta.insert(
+                    KEY_DEDUP_WINDOW,
+                    config.dedup_window.to_le_bytes().as_slice(),
+                )
+                .map_err(db_err("write dedup window"))?;
             }
         }
         sm.init(&txn)?;
@@ -156,6 +170,7 @@ impl StateStore {
 
         let read = db.begin_read().map_err(db_err("begin read"))?;
         let meta = read.open_table(META).map_err(db_err("open raft_meta"))?;
+        let dedup_window = decode_u64(&require_meta(&meta, KEY_DEDUP_WINDOW)?, "dedup window")?;
         let recovered = RecoveredState {
             applied: IndexTerm::decode(&require_meta(&meta, KEY_APPLIED)?, "applied index")?,
             conf_state: decode_pb(&require_meta(&meta, KEY_CONF_STATE)?, "conf state")?,
@@ -170,7 +185,7 @@ impl StateStore {
         let store = StateStore {
             db: Arc::new(db),
             sm,
-            dedup_window: config.dedup_window,
+            dedup_window: AtomicU64::new(dedup_window),
         };
         Ok((store, recovered))
     }
@@ -282,12 +297,8 @@ impl StateStore {
                     result,
                 });
             }
-            expire_requests(
-                &mut requests,
-                &mut by_index,
-                applied.index,
-                self.dedup_window,
-            )?;
+            let window = self.dedup_window.load(Ordering::Relaxed);
+            expire_requests(&mut requests, &mut by_index, applied.index, window)?;
             if members_changed {
                 outcome.members = Some(read_members(&members)?);
             }
@@ -321,17 +332,19 @@ impl StateStore {
             Ok(proposal) => proposal,
             Err(error) => return Ok(Err(format!("log entry is not a proposal: {error}"))),
         };
-        let id = proposal
-            .id
-            .filter(|id| id.client != 0)
-            .map(|id| (id.client, id.seq));
+        let request = proposal.id.filter(|id| id.client != 0);
+        if let Some(request) = request {
+            forget_settled(requests, by_index, request)?;
+        }
+        let id = request.map(|id| (id.client, id.seq));
+        let window = self.dedup_window.load(Ordering::Relaxed);
         if let Some(key) = id
             && let Some(record) = requests.get(key).map_err(db_err("read request record"))?
         {
             let (index, bytes) = record.value();
             // The window is measured from this entry, so every replica decides alike
             // however its writes were batched.
-            if index.saturating_add(self.dedup_window) >= entry.index {
+            if index.saturating_add(window) >= entry.index {
                 let outcome = ApplyOutcome::decode(bytes).map_err(|e| {
                     StorageError::Corrupt(format!("request record does not decode: {e}"))
                 })?;
@@ -440,6 +453,7 @@ pub(crate) fn snapshot_meta(
     let meta = txn.open_table(META).map_err(db_err("open raft_meta"))?;
     let applied = IndexTerm::decode(&require_meta(&meta, KEY_APPLIED)?, "applied index")?;
     let conf_state = require_meta(&meta, KEY_CONF_STATE)?;
+    let dedup_window = decode_u64(&require_meta(&meta, KEY_DEDUP_WINDOW)?, "dedup window")?;
     let members = read_members(
         &txn.open_table(MEMBERS)
             .map_err(db_err("open raft_members"))?,
@@ -458,7 +472,11 @@ pub(crate) fn snapshot_meta(
         let outcome = ApplyOutcome::decode(bytes)
             .map_err(|e| StorageError::Corrupt(format!("request record does not decode: {e}")))?;
         requests.push(DedupRecord {
-            id: Some(RequestId { client, seq }),
+            id: Some(RequestId {
+                client,
+                seq,
+                acked_below: 0,
+            }),
             index,
             outcome: Some(outcome),
         });
@@ -470,7 +488,48 @@ pub(crate) fn snapshot_meta(
         members,
         requests,
         cluster: cluster.to_string(),
+        dedup_window,
     })
+}
+
+fn decode_u64(bytes: &[u8], what: &str) -> Result<u64, StorageError> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StorageError::Corrupt(format!("{what} has {} bytes, not 8", bytes.len())))?;
+    Ok(u64::from_le_bytes(array))
+}
+
+/// Forgets the records of `request`'s client below its `acked_below`: the client will not
+/// retry them. Deterministic, since the mark travels in the log entry.
+fn forget_settled(
+    requests: &mut redb::Table<'_, (u64, u64), (u64, &[u8])>,
+    by_index: &mut redb::Table<'_, u64, (u64, u64)>,
+    request: RequestId,
+) -> Result<(), StorageError> {
+    if request.acked_below == 0 {
+        return Ok(());
+    }
+    let mut settled = Vec::new();
+    let range = (request.client, 0)..(request.client, request.acked_below);
+    for item in requests
+        .range(range)
+        .map_err(db_err("scan request records"))?
+    {
+        let (key, value) = item.map_err(db_err("read request record"))?;
+        settled.push((key.value(), value.value().0));
+        if settled.len() >= MAX_SETTLED_PER_ENTRY {
+            break;
+        }
+    }
+    for (key, index) in settled {
+        requests
+            .remove(key)
+            .map_err(db_err("forget request record"))?;
+        by_index
+            .remove(index)
+            .map_err(db_err("forget request index"))?;
+    }
+    Ok(())
 }
 
 /// The applied index as of a read transaction.

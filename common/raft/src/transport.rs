@@ -154,6 +154,15 @@ impl Transport {
         let _ = self.events.try_send(event);
     }
 
+    /// raft-rs keeps a peer in snapshot state until told the outcome, so this report must not
+    /// be dropped on a full queue the way an unreachable report may.
+    fn report_snapshot_failure(&self, to: u64) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let _ = events.send(PeerEvent::SnapshotStatus(to, false)).await;
+        });
+    }
+
     fn link(&self, to: u64) -> Option<mpsc::Sender<Message>> {
         let mut links = Self::lock(&self.links);
         if let Some(link) = links.get(&to)
@@ -199,12 +208,12 @@ impl Transport {
     fn send_snapshot(&self, message: Message) {
         let to = message.to;
         let Some(addr) = self.address_of(to) else {
-            self.report(PeerEvent::SnapshotStatus(to, false));
+            self.report_snapshot_failure(to);
             return;
         };
         if !Self::lock(&self.snapshots_in_flight).insert(to) {
             // raft-rs sends one snapshot per peer at a time; a duplicate is refused.
-            self.report(PeerEvent::SnapshotStatus(to, false));
+            self.report_snapshot_failure(to);
             return;
         }
         let options = ff_rpc::ClientOptions {
@@ -485,6 +494,20 @@ pub(crate) fn decode_message(bytes: &[u8], from: u64, to: u64) -> Result<Message
             Err(format!("{:?} is a local message", message.get_msg_type()))
         }
         MessageType::MsgSnapshot => Err("snapshots travel through SendSnapshot".to_string()),
+        MessageType::MsgAppend => {
+            // raft-rs trusts the leader's append to be a contiguous run after `index`.
+            let contiguous =
+                message.entries.iter().enumerate().all(|(i, e)| {
+                    e.index == message.index + 1 + i as u64 && e.term <= message.term
+                });
+            if !contiguous {
+                Err("append whose entries do not follow its index or exceed its term".to_string())
+            } else if message.index != 0 && message.log_term == 0 {
+                Err("append with no term for its previous entry".to_string())
+            } else {
+                Ok(message)
+            }
+        }
         _ => Ok(message),
     }
 }
@@ -570,6 +593,12 @@ async fn receive_snapshot(
         .header
         .clone()
         .ok_or_else(|| Status::invalid_argument("first snapshot chunk has no header"))?;
+    if header.size < crate::snapshot::MIN_FILE_SIZE {
+        return Err(Status::invalid_argument(format!(
+            "snapshot of {} bytes is smaller than any snapshot file",
+            header.size
+        )));
+    }
     let name = format!("recv-{}-{}.snap", header.from, rand::random::<u64>());
     let tmp = dir.join(format!("{name}.tmp"));
     let internal =

@@ -1,8 +1,7 @@
 //! A client of an ff-kv cluster: key-value operations and raft administration over the generic
 //! `Raft` gRPC service, following the leader with ff-rpc's `LeaderClient`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use ff_raft::RequestIds;
 use ff_raft::proto::raft_client::RaftClient;
 use ff_raft::proto::{
     AddMemberRequest, ProposeRequest, ReadConsistency, ReadRequest, RemoveMemberRequest, RequestId,
@@ -44,8 +43,7 @@ impl From<Status> for KvError {
 #[derive(Debug)]
 pub struct KvClient {
     leader: LeaderClient,
-    client_id: u64,
-    next_seq: AtomicU64,
+    ids: RequestIds,
 }
 
 fn raft(channel: Channel) -> RaftClient<Channel> {
@@ -57,17 +55,14 @@ impl KvClient {
     pub fn new(endpoints: Vec<String>, options: ClientOptions) -> Result<Self, KvError> {
         Ok(KvClient {
             leader: LeaderClient::new(endpoints, options)?,
-            client_id: rand::random_range(1..u64::MAX),
-            next_seq: AtomicU64::new(1),
+            ids: RequestIds::new(),
         })
     }
 
-    /// A fresh request id; a retry of one request must reuse its id.
+    /// A fresh request id that is never marked settled, for callers that retry a request
+    /// themselves: a retry must reuse its id.
     pub fn next_id(&self) -> RequestId {
-        RequestId {
-            client: self.client_id,
-            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-        }
+        self.ids.untracked()
     }
 
     /// Proposes `command` under request id `id`; the cluster applies one id at most once.
@@ -103,7 +98,8 @@ impl KvClient {
                 value: value.to_vec(),
             })),
         };
-        Ok(self.propose(self.next_id(), &command).await?.version)
+        let ticket = self.ids.begin();
+        Ok(self.propose(ticket.id(), &command).await?.version)
     }
 
     /// Deletes `key`; returns whether it existed.
@@ -111,7 +107,8 @@ impl KvClient {
         let command = Command {
             op: Some(command::Op::Delete(Delete { key: key.to_vec() })),
         };
-        Ok(self.propose(self.next_id(), &command).await?.existed)
+        let ticket = self.ids.begin();
+        Ok(self.propose(ticket.id(), &command).await?.existed)
     }
 
     async fn query(&self, query: &Query) -> Result<QueryResult, KvError> {

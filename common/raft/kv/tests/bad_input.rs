@@ -246,6 +246,49 @@ async fn garbage_from_peers_and_clients_is_refused_and_the_group_keeps_working()
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
+    // An append whose entries do not follow its index: raft-rs would trust it.
+    let mut append = raft::prelude::Message::default();
+    append.set_msg_type(raft::prelude::MessageType::MsgAppend);
+    append.from = leader;
+    append.to = target;
+    append.term = node.status().term;
+    append.index = 7;
+    append.log_term = 6;
+    let entry = raft::prelude::Entry {
+        index: 42,
+        term: append.term,
+        ..Default::default()
+    };
+    append.set_entries(vec![entry].into());
+    let status = peer
+        .send(batch(
+            &cluster_name,
+            target,
+            vec![append.write_to_bytes().unwrap()],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // A snapshot stream declaring an impossible size.
+    let empty = vec![SnapshotChunk {
+        header: Some(SnapshotHeader {
+            cluster: cluster_name.clone(),
+            from: leader,
+            from_addr: String::new(),
+            to: target,
+            message: Vec::new(),
+            size: 0,
+            crc32c: 0,
+        }),
+        data: Vec::new(),
+    }];
+    let status = peer
+        .send_snapshot(futures::stream::iter(empty))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
     // A snapshot stream whose bytes do not match its checksum.
     let header = SnapshotHeader {
         cluster: cluster_name.clone(),
@@ -253,12 +296,12 @@ async fn garbage_from_peers_and_clients_is_refused_and_the_group_keeps_working()
         from_addr: String::new(),
         to: target,
         message: Vec::new(),
-        size: 8,
+        size: 64,
         crc32c: 12345,
     };
     let chunks = vec![SnapshotChunk {
         header: Some(header),
-        data: vec![1, 2, 3, 4, 5, 6, 7, 8],
+        data: vec![7; 64],
     }];
     let status = peer
         .send_snapshot(futures::stream::iter(chunks))

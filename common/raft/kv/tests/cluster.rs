@@ -330,5 +330,25 @@ async fn a_retried_request_is_applied_once() {
     assert_eq!(client.get(b"once").await.unwrap().unwrap().version, 1);
     // A new id is a new write.
     assert_eq!(client.put(b"once", b"v").await.unwrap(), 2);
+
+    // Settled requests are forgotten: a client's sequential puts leave only a record or two,
+    // however many it makes.
+    for i in 0..100 {
+        client
+            .put(format!("seq{i}").as_bytes(), b"v")
+            .await
+            .unwrap();
+    }
+    let applied = cluster.node(1).unwrap().status().applied_index;
+    cluster.wait_applied(applied, SETTLE).await.unwrap();
+    for id in 1..=3 {
+        use ff_raft::redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
+        let records: TableDefinition<'_, (u64, u64), (u64, &[u8])> =
+            TableDefinition::new("raft_requests");
+        let txn = cluster.node(id).unwrap().database().begin_read().unwrap();
+        let count = txn.open_table(records).unwrap().len().unwrap();
+        // The explicit-id request above is never settled; the last put's own record stays.
+        assert!(count <= 3, "node {id} keeps {count} request records");
+    }
     cluster.shutdown().await;
 }

@@ -91,29 +91,16 @@ pub(crate) fn require_meta(
     get_meta(meta, key)?.ok_or_else(|| StorageError::Corrupt(format!("raft meta has no {key}")))
 }
 
-/// Opens a database file, turning every failure (including a panic inside redb on a damaged
-/// file) into a clear error.
+/// Opens a database file with clear errors (`ff-db`), adding what a raft node can do about a
+/// damaged one.
 pub(crate) fn open_database(path: &Path, verify: bool) -> Result<Database, StorageError> {
-    let display = path.display().to_string();
-    let opened = std::panic::catch_unwind(|| {
-        let mut builder = Database::builder();
-        builder.set_check_integrity_on_open(verify);
-        builder.create(path)
-    });
-    let advice = "If the file is damaged, move the node's data_dir aside and re-add the node to \
-                  the group so that it receives a snapshot";
-    match opened {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StorageError::Corrupt(format!(
-            "{display} is already open in another process; is another node using this data_dir?"
-        ))),
-        Ok(Err(error)) => Err(StorageError::Corrupt(format!(
-            "cannot open {display}: {error}. {advice}"
-        ))),
-        Err(_) => Err(StorageError::Corrupt(format!(
-            "cannot open {display}: the file is damaged. {advice}"
-        ))),
-    }
+    ff_db::open(path, verify).map_err(|error| match error {
+        ff_db::OpenError::Damaged { .. } => StorageError::Corrupt(format!(
+            "{error}, or move the node's data_dir aside and re-add the node to the group so that \
+             it receives a snapshot"
+        )),
+        other => StorageError::Corrupt(other.to_string()),
+    })
 }
 
 /// Checks that a database belongs to this node and cluster, stamping a fresh one.

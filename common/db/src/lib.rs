@@ -50,7 +50,9 @@ pub fn open(path: &Path, verify: bool) -> Result<Database, OpenError> {
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
             Err(OpenError::InUse { path: display })
         }
-        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(error)))) => {
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(error))))
+            if error.kind() != std::io::ErrorKind::InvalidData =>
+        {
             Err(OpenError::Io {
                 path: display,
                 reason: error.to_string(),

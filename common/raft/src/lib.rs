@@ -18,6 +18,7 @@
 
 mod apply;
 mod config;
+mod daemon;
 mod db;
 mod driver;
 mod error;
@@ -40,6 +41,7 @@ pub mod proto {
 }
 
 pub use config::{MemberConfig, RaftConfig, TransportConfig};
+pub use daemon::{Daemon, DaemonError};
 pub use error::{RaftError, StateMachineError, StorageError};
 pub use node::{Consistency, GroupStatus, MemberStatus, RaftNode, Role};
 pub use request_id::{RequestIds, RequestTicket};

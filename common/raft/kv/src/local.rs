@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::config::KvConfig;
 use crate::machine::KvMachine;
-use crate::server::{KvServer, ServerError};
+use crate::server::{self, KvServer};
 
 /// Why the local cluster could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +22,7 @@ pub enum LocalError {
         /// The node.
         id: u64,
         /// Why.
-        source: ServerError,
+        source: ff_raft::DaemonError,
     },
     /// A port could not be reserved.
     #[error("cannot reserve a loopback port: {0}")]
@@ -117,7 +117,7 @@ impl LocalCluster {
         config: KvConfig,
         listener: TcpListener,
     ) -> Result<(), LocalError> {
-        let server = KvServer::start_on(config.clone(), listener)
+        let server = server::start_on(config.clone(), listener)
             .await
             .map_err(|source| LocalError::Start { id, source })?;
         self.nodes.insert(

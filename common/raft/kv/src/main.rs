@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use ff_config::DaemonConfig;
 use ff_raft::RaftConfig;
 use ff_raft_kv::procs::{ProcessCluster, ProcessClusterSpec};
-use ff_raft_kv::{KvClient, KvConfig, KvServer, bench, demo};
+use ff_raft_kv::{KvClient, KvConfig, bench, demo};
 
 #[derive(Parser)]
 #[command(
@@ -304,7 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(config: Option<PathBuf>, exit_with_parent: bool) -> anyhow::Result<()> {
     let config: KvConfig = ff_config::load(config.as_deref())?;
-    let server = KvServer::start(config).await?;
+    let server = ff_raft_kv::server::start(config).await?;
     let node = server.node().clone();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let parent_gone = async {

@@ -4,6 +4,15 @@
 //!   detector's rules).
 //! - [`machine`]: the replicated state (nodes, targets, chains, chain tables, routing version)
 //!   as an ff-raft state machine.
+//! - [`service`]: the gRPC API, heartbeats and the leader's failure detector.
+//! - [`server`]: a running replica.
 
 pub mod chain;
+pub mod config;
 pub mod machine;
+pub mod server;
+pub mod service;
+
+pub use config::MgmtdConfig;
+pub use server::Mgmtd;
+pub use service::MgmtdApi;

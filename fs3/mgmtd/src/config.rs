@@ -53,9 +53,13 @@ impl DaemonConfig for MgmtdConfig {
             format!("{:?} is not an ip:port address", self.listen_addr),
         )?;
         ensure(
-            self.metrics_addr.is_empty() || self.metrics_addr.parse::<std::net::SocketAddr>().is_ok(),
+            self.metrics_addr.is_empty()
+                || self.metrics_addr.parse::<std::net::SocketAddr>().is_ok(),
             "metrics_addr",
-            format!("{:?} is not an ip:port address (or empty to disable)", self.metrics_addr),
+            format!(
+                "{:?} is not an ip:port address (or empty to disable)",
+                self.metrics_addr
+            ),
         )?;
         ensure(
             self.lease.get() >= std::time::Duration::from_millis(100),
@@ -63,7 +67,8 @@ impl DaemonConfig for MgmtdConfig {
             "must be at least 100ms",
         )?;
         ensure(
-            !self.detector_interval.get().is_zero() && self.detector_interval.get() < self.lease.get(),
+            !self.detector_interval.get().is_zero()
+                && self.detector_interval.get() < self.lease.get(),
             "detector_interval",
             format!("must be above 0 and below the lease ({})", self.lease),
         )?;

@@ -20,7 +20,9 @@ pub struct Mgmtd {
 
 impl std::fmt::Debug for Mgmtd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mgmtd").field("addr", &self.daemon.addr()).finish()
+        f.debug_struct("Mgmtd")
+            .field("addr", &self.daemon.addr())
+            .finish()
     }
 }
 
@@ -43,10 +45,16 @@ impl Mgmtd {
         )
         .await?;
         let api = api_slot.ok_or_else(|| {
-            DaemonError::Raft(ff_raft::RaftError::Stopped("mgmtd API was not created".to_string()))
+            DaemonError::Raft(ff_raft::RaftError::Stopped(
+                "mgmtd API was not created".to_string(),
+            ))
         })?;
         let detector = tokio::spawn(run_detector(api.clone(), config.detector_interval.get()));
-        Ok(Mgmtd { daemon, api, detector })
+        Ok(Mgmtd {
+            daemon,
+            api,
+            detector,
+        })
     }
 
     /// The raft daemon.

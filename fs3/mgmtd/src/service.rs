@@ -15,14 +15,16 @@ use std::time::Instant;
 use ff_raft::{Consistency, RaftError, RaftNode, Role};
 use fs3_proto::mgmtd::mgmtd_server::Mgmtd;
 use fs3_proto::mgmtd::{
-    AdminReply, BootstrapRequest, Command, CreateChainTableRequest, CreateChainsRequest, GetRoutingRequest,
-    HeartbeatReply, HeartbeatRequest, ListNodesReply, ListNodesRequest, LocalState as WireLocal, Node,
-    NodeStatus, PublicState as WirePublic, Query, RegisterTargets, RoutingInfo, SetTargetOfflineRequest, Target,
-    TargetStatus, UpdateChains, command,
+    AdminReply, BootstrapRequest, Command, CreateChainTableRequest, CreateChainsRequest,
+    GetRoutingRequest, HeartbeatReply, HeartbeatRequest, ListNodesReply, ListNodesRequest,
+    LocalState as WireLocal, Node, NodeStatus, PublicState as WirePublic, Query, RegisterTargets,
+    RoutingInfo, SetTargetOfflineRequest, Target, TargetStatus, UpdateChains, command,
 };
 use tonic::{Request, Response, Status};
 
-use crate::chain::{Chain as DomainChain, ChainTarget as DomainTarget, LocalState, PublicState, next_chain};
+use crate::chain::{
+    Chain as DomainChain, ChainTarget as DomainTarget, LocalState, PublicState, next_chain,
+};
 use crate::machine::MgmtdMachine;
 
 /// What the leader knows of services' liveness.
@@ -103,11 +105,17 @@ impl MgmtdApi {
 
     /// The routing information as this replica has applied it.
     pub async fn routing(&self) -> Result<RoutingInfo, RaftError> {
-        self.node.read_with(Query { known_version: 0 }, Consistency::Local).await
+        self.node
+            .read_with(Query { known_version: 0 }, Consistency::Local)
+            .await
     }
 
     async fn propose(&self, op: command::Op) -> Result<u64, Status> {
-        let result = self.node.propose(Command { op: Some(op) }).await.map_err(status)?;
+        let result = self
+            .node
+            .propose(Command { op: Some(op) })
+            .await
+            .map_err(status)?;
         if !result.error.is_empty() {
             return Err(Status::failed_precondition(result.error));
         }
@@ -120,7 +128,9 @@ impl MgmtdApi {
             .read_with(Query { known_version: 0 }, Consistency::Linearizable)
             .await
             .map_err(status)?;
-        Ok(Response::new(AdminReply { routing: Some(routing) }))
+        Ok(Response::new(AdminReply {
+            routing: Some(routing),
+        }))
     }
 
     fn not_leader(&self) -> Option<Status> {
@@ -128,11 +138,17 @@ impl MgmtdApi {
         if current.role == Role::Leader {
             return None;
         }
-        let hint = current.leader_addr.filter(|_| current.leader_id != 0).map(|addr| ff_rpc::LeaderHint {
-            id: current.leader_id,
-            addr,
-        });
-        Some(ff_rpc::not_leader("this mgmtd replica is not the leader", hint.as_ref()))
+        let hint = current
+            .leader_addr
+            .filter(|_| current.leader_id != 0)
+            .map(|addr| ff_rpc::LeaderHint {
+                id: current.leader_id,
+                addr,
+            });
+        Some(ff_rpc::not_leader(
+            "this mgmtd replica is not the leader",
+            hint.as_ref(),
+        ))
     }
 
     /// One run of the failure detector (leader only); returns how many chains it changed.
@@ -155,7 +171,9 @@ impl MgmtdApi {
             for target in &routing.targets {
                 let state = match live.nodes.get(&target.node_id) {
                     _ if target.admin_offline => Some(LocalState::Offline),
-                    Some(seen) if now.duration_since(*seen) > self.lease => Some(LocalState::Offline),
+                    Some(seen) if now.duration_since(*seen) > self.lease => {
+                        Some(LocalState::Offline)
+                    }
                     Some(_) => live.targets.get(&target.id).copied(),
                     // Never heard of since this replica became leader.
                     None if judged => Some(LocalState::Offline),
@@ -223,7 +241,10 @@ impl MgmtdApi {
 
 #[tonic::async_trait]
 impl Mgmtd for MgmtdApi {
-    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
         if let Some(status) = self.not_leader() {
             return Err(status);
         }
@@ -255,7 +276,12 @@ impl Mgmtd for MgmtdApi {
         let unknown: Vec<Target> = beat
             .targets
             .iter()
-            .filter(|t| !routing.targets.iter().any(|known| known.id == t.target_id && known.path == t.path))
+            .filter(|t| {
+                !routing
+                    .targets
+                    .iter()
+                    .any(|known| known.id == t.target_id && known.path == t.path)
+            })
             .map(|t| Target {
                 id: t.target_id,
                 node_id: beat.node_id,
@@ -265,7 +291,9 @@ impl Mgmtd for MgmtdApi {
             .collect();
         if !unknown.is_empty() {
             version = self
-                .propose(command::Op::RegisterTargets(RegisterTargets { targets: unknown }))
+                .propose(command::Op::RegisterTargets(RegisterTargets {
+                    targets: unknown,
+                }))
                 .await?;
         }
         Ok(Response::new(HeartbeatReply {
@@ -274,18 +302,30 @@ impl Mgmtd for MgmtdApi {
         }))
     }
 
-    async fn get_routing(&self, request: Request<GetRoutingRequest>) -> Result<Response<RoutingInfo>, Status> {
+    async fn get_routing(
+        &self,
+        request: Request<GetRoutingRequest>,
+    ) -> Result<Response<RoutingInfo>, Status> {
         let known = request.into_inner().known_version;
         let routing = self
             .node
-            .read_with(Query { known_version: known }, Consistency::Local)
+            .read_with(
+                Query {
+                    known_version: known,
+                },
+                Consistency::Local,
+            )
             .await
             .map_err(status)?;
         Ok(Response::new(routing))
     }
 
-    async fn create_chains(&self, request: Request<CreateChainsRequest>) -> Result<Response<AdminReply>, Status> {
-        self.propose(command::Op::CreateChains(request.into_inner())).await?;
+    async fn create_chains(
+        &self,
+        request: Request<CreateChainsRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
+        self.propose(command::Op::CreateChains(request.into_inner()))
+            .await?;
         self.admin_reply().await
     }
 
@@ -293,12 +333,17 @@ impl Mgmtd for MgmtdApi {
         &self,
         request: Request<CreateChainTableRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        self.propose(command::Op::CreateChainTable(request.into_inner())).await?;
+        self.propose(command::Op::CreateChainTable(request.into_inner()))
+            .await?;
         self.admin_reply().await
     }
 
-    async fn bootstrap(&self, request: Request<BootstrapRequest>) -> Result<Response<AdminReply>, Status> {
-        self.propose(command::Op::Bootstrap(request.into_inner())).await?;
+    async fn bootstrap(
+        &self,
+        request: Request<BootstrapRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
+        self.propose(command::Op::Bootstrap(request.into_inner()))
+            .await?;
         self.admin_reply().await
     }
 
@@ -306,11 +351,15 @@ impl Mgmtd for MgmtdApi {
         &self,
         request: Request<SetTargetOfflineRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        self.propose(command::Op::SetTargetOffline(request.into_inner())).await?;
+        self.propose(command::Op::SetTargetOffline(request.into_inner()))
+            .await?;
         self.admin_reply().await
     }
 
-    async fn list_nodes(&self, _request: Request<ListNodesRequest>) -> Result<Response<ListNodesReply>, Status> {
+    async fn list_nodes(
+        &self,
+        _request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesReply>, Status> {
         if let Some(status) = self.not_leader() {
             return Err(status);
         }

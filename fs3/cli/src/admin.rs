@@ -1,0 +1,312 @@
+//! `fs3 admin ...`: the operator's view of mgmtd, as tables or JSON.
+
+use anyhow::{Context, bail};
+use ff_rpc::{ClientOptions, LeaderClient};
+use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
+use fs3_proto::mgmtd::{
+    BootstrapRequest, GetRoutingRequest, ListNodesReply, ListNodesRequest, LocalState, NodeKind,
+    PublicState, RoutingInfo, SetTargetOfflineRequest,
+};
+use serde_json::json;
+
+/// A failed call, said in a line that names the replicas tried.
+fn failed(client: &LeaderClient, status: &tonic::Status) -> anyhow::Error {
+    let endpoints = client.endpoints().join(",");
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            anyhow::anyhow!(
+                "cannot reach an mgmtd leader at {endpoints}: {}",
+                status.message()
+            )
+        }
+        _ => anyhow::anyhow!("mgmtd refused: {}", status.message()),
+    }
+}
+
+/// A client of the mgmtd replicas at `endpoints`.
+pub fn client(endpoints: Vec<String>) -> anyhow::Result<LeaderClient> {
+    LeaderClient::new(endpoints, ClientOptions::default()).context("invalid mgmtd address")
+}
+
+pub async fn routing(client: &LeaderClient) -> anyhow::Result<RoutingInfo> {
+    client
+        .call(|channel| async move {
+            MgmtdClient::new(channel)
+                .get_routing(GetRoutingRequest { known_version: 0 })
+                .await
+        })
+        .await
+        .map_err(|s| failed(client, &s))
+}
+
+async fn nodes(client: &LeaderClient) -> anyhow::Result<ListNodesReply> {
+    client
+        .call(|channel| async move {
+            MgmtdClient::new(channel)
+                .list_nodes(ListNodesRequest {})
+                .await
+        })
+        .await
+        .map_err(|s| failed(client, &s))
+}
+
+fn public(state: i32) -> &'static str {
+    match PublicState::try_from(state) {
+        Ok(PublicState::Serving) => "serving",
+        Ok(PublicState::Syncing) => "syncing",
+        Ok(PublicState::Waiting) => "waiting",
+        Ok(PublicState::Lastsrv) => "lastsrv",
+        Ok(PublicState::Offline) => "offline",
+        _ => "unknown",
+    }
+}
+
+fn local(state: i32) -> &'static str {
+    match LocalState::try_from(state) {
+        Ok(LocalState::UpToDate) => "up-to-date",
+        Ok(LocalState::Online) => "online",
+        Ok(LocalState::LocalOffline) => "offline",
+        _ => "-",
+    }
+}
+
+fn kind(kind: i32) -> &'static str {
+    match NodeKind::try_from(kind) {
+        Ok(NodeKind::Storage) => "storage",
+        Ok(NodeKind::Meta) => "meta",
+        Ok(NodeKind::Client) => "client",
+        _ => "unknown",
+    }
+}
+
+/// The admin subcommands.
+#[derive(clap::Subcommand)]
+pub enum AdminCmd {
+    /// Routing version and a summary of nodes, targets and chains.
+    Status,
+    /// Nodes and their liveness.
+    Nodes,
+    /// Targets with public and local state.
+    Targets,
+    /// Chains with their targets in order (head first).
+    Chains,
+    /// Build chains of REPLICATION targets on distinct nodes from every unchained target, as
+    /// chain table TABLE.
+    Bootstrap {
+        #[arg(long, default_value_t = 1)]
+        table: u64,
+        #[arg(long, default_value_t = 3)]
+        replication: u32,
+    },
+    /// Take a target out of service by hand.
+    Offline { target: u64 },
+    /// Let a target taken out by hand return.
+    Online { target: u64 },
+}
+
+pub async fn run(
+    command: AdminCmd,
+    client: &LeaderClient,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    match command {
+        AdminCmd::Status => {
+            let routing = routing(client).await?;
+            let live = nodes(client).await?;
+            let alive = live.nodes.iter().filter(|n| n.alive).count();
+            let count = |state: PublicState| {
+                routing
+                    .chains
+                    .iter()
+                    .flat_map(|c| c.targets.iter())
+                    .filter(|t| t.state == state as i32)
+                    .count()
+            };
+            if json_output {
+                println!(
+                    "{}",
+                    json!({
+                        "routing_version": routing.version,
+                        "nodes": routing.nodes.len(), "nodes_alive": alive,
+                        "targets": routing.targets.len(), "chains": routing.chains.len(),
+                        "chain_tables": routing.tables.len(),
+                        "serving": count(PublicState::Serving), "syncing": count(PublicState::Syncing),
+                        "waiting": count(PublicState::Waiting), "lastsrv": count(PublicState::Lastsrv),
+                        "offline": count(PublicState::Offline),
+                    })
+                );
+            } else {
+                println!("routing version {}", routing.version);
+                println!("nodes      {} ({alive} alive)", routing.nodes.len());
+                println!("targets    {}", routing.targets.len());
+                println!(
+                    "chains     {} in {} table(s); replicas: {} serving, {} syncing, {} waiting, {} lastsrv, {} offline",
+                    routing.chains.len(),
+                    routing.tables.len(),
+                    count(PublicState::Serving),
+                    count(PublicState::Syncing),
+                    count(PublicState::Waiting),
+                    count(PublicState::Lastsrv),
+                    count(PublicState::Offline)
+                );
+            }
+        }
+        AdminCmd::Nodes => {
+            let live = nodes(client).await?;
+            if json_output {
+                let list: Vec<_> = live
+                    .nodes
+                    .iter()
+                    .filter_map(|s| {
+                        let n = s.node.as_ref()?;
+                        Some(json!({"id": n.id, "kind": kind(n.kind), "addr": n.addr, "hostname": n.hostname,
+                            "alive": s.alive, "last_heartbeat_ms_ago": s.last_heartbeat_ms_ago}))
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                println!(
+                    "{:>6} {:<8} {:<22} {:<16} {:<6} {:>12}",
+                    "ID", "KIND", "ADDRESS", "HOST", "ALIVE", "LAST SEEN"
+                );
+                for s in &live.nodes {
+                    let Some(n) = &s.node else { continue };
+                    let seen = s
+                        .last_heartbeat_ms_ago
+                        .map_or("never".to_string(), |ms| format!("{ms} ms ago"));
+                    println!(
+                        "{:>6} {:<8} {:<22} {:<16} {:<6} {:>12}",
+                        n.id,
+                        kind(n.kind),
+                        n.addr,
+                        n.hostname,
+                        if s.alive { "yes" } else { "no" },
+                        seen
+                    );
+                }
+            }
+        }
+        AdminCmd::Targets => {
+            let routing = routing(client).await?;
+            let live = nodes(client).await?;
+            let mut rows = Vec::new();
+            for target in &routing.targets {
+                let chain = routing
+                    .chains
+                    .iter()
+                    .find(|c| c.targets.iter().any(|t| t.target_id == target.id));
+                let state = chain
+                    .and_then(|c| c.targets.iter().find(|t| t.target_id == target.id))
+                    .map_or("unchained", |t| public(t.state));
+                let local_state = live
+                    .targets
+                    .iter()
+                    .find(|t| t.target_id == target.id)
+                    .map_or("-", |t| local(t.local_state));
+                rows.push((target, chain.map(|c| c.id), state, local_state));
+            }
+            if json_output {
+                let list: Vec<_> = rows
+                    .iter()
+                    .map(|(t, chain, state, local_state)| {
+                        json!({"id": t.id, "node": t.node_id, "path": t.path, "chain": chain, "state": state,
+                            "local_state": local_state, "admin_offline": t.admin_offline})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                println!(
+                    "{:>8} {:>6} {:>6} {:<10} {:<11} {:<6} PATH",
+                    "TARGET", "NODE", "CHAIN", "STATE", "LOCAL", "ADMIN"
+                );
+                for (t, chain, state, local_state) in rows {
+                    println!(
+                        "{:>8} {:>6} {:>6} {:<10} {:<11} {:<6} {}",
+                        t.id,
+                        t.node_id,
+                        chain.map_or("-".to_string(), |c| c.to_string()),
+                        state,
+                        local_state,
+                        if t.admin_offline { "off" } else { "" },
+                        t.path
+                    );
+                }
+            }
+        }
+        AdminCmd::Chains => {
+            let routing = routing(client).await?;
+            if json_output {
+                let list: Vec<_> = routing
+                    .chains
+                    .iter()
+                    .map(|c| {
+                        let targets: Vec<_> = c
+                            .targets
+                            .iter()
+                            .map(|t| json!({"target": t.target_id, "state": public(t.state)}))
+                            .collect();
+                        json!({"id": c.id, "version": c.version, "targets": targets})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                println!("{:>6} {:>8}  TARGETS (head first)", "CHAIN", "VERSION");
+                for c in &routing.chains {
+                    let targets: Vec<String> = c
+                        .targets
+                        .iter()
+                        .map(|t| format!("{}:{}", t.target_id, public(t.state)))
+                        .collect();
+                    println!("{:>6} {:>8}  {}", c.id, c.version, targets.join("  "));
+                }
+                for t in &routing.tables {
+                    println!("table {}: chains {:?}", t.id, t.chains);
+                }
+            }
+        }
+        AdminCmd::Bootstrap { table, replication } => {
+            let reply = client
+                .call(|channel| async move {
+                    MgmtdClient::new(channel)
+                        .bootstrap(BootstrapRequest {
+                            table_id: table,
+                            replication,
+                        })
+                        .await
+                })
+                .await
+                .map_err(|s| failed(client, &s))?;
+            let routing = reply.routing.unwrap_or_default();
+            let Some(created) = routing.tables.iter().find(|t| t.id == table) else {
+                bail!("mgmtd did not report chain table {table}");
+            };
+            println!(
+                "chain table {table}: {} chains of {replication} replicas",
+                created.chains.len()
+            );
+        }
+        AdminCmd::Offline { target } | AdminCmd::Online { target } => {
+            let offline = matches!(command, AdminCmd::Offline { .. });
+            client
+                .call(|channel| async move {
+                    MgmtdClient::new(channel)
+                        .set_target_offline(SetTargetOfflineRequest {
+                            target_id: target,
+                            offline,
+                        })
+                        .await
+                })
+                .await
+                .map_err(|s| failed(client, &s))?;
+            println!(
+                "target {target} {}",
+                if offline {
+                    "taken offline"
+                } else {
+                    "may return"
+                }
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! `fs3`: the one binary of the fs3 file system — its daemons and its operator commands.
+
+mod admin;
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+use ff_config::DaemonConfig;
+use fs3_mgmtd::{Mgmtd, MgmtdConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "fs3",
+    version,
+    about = "fs3: a 3FS-style distributed file system"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a cluster manager replica.
+    Mgmtd {
+        /// Config file (TOML); see --print-default-config.
+        #[arg(long, required_unless_present = "print_default_config")]
+        config: Option<PathBuf>,
+        /// Print the documented default config and exit.
+        #[arg(long)]
+        print_default_config: bool,
+        /// Exit when standard input closes (used by supervisors that pipe it).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
+    },
+    /// Inspect and change the cluster through mgmtd.
+    Admin {
+        /// mgmtd replicas (host:port, comma separated).
+        #[arg(
+            long,
+            env = "FS3_MGMTD",
+            value_delimiter = ',',
+            default_value = "127.0.0.1:8000"
+        )]
+        mgmtd: Vec<String>,
+        /// Print JSON instead of tables.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: admin::AdminCmd,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = run(cli).await {
+        eprintln!("fs3: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Resolves when the daemon should stop: SIGTERM, Ctrl-C, or (with `exit_with_parent`) the
+/// end of standard input.
+async fn stop_signal(exit_with_parent: bool) -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let parent_gone = async {
+        if exit_with_parent {
+            let mut sink = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+        () = parent_gone => {}
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Mgmtd {
+            config,
+            print_default_config,
+            exit_with_parent,
+        } => {
+            if print_default_config {
+                print!("{}", MgmtdConfig::TEMPLATE);
+                return Ok(());
+            }
+            init_logging();
+            let config: MgmtdConfig = ff_config::load(config.as_deref())?;
+            let mgmtd = Mgmtd::start(config).await?;
+            let node = mgmtd.daemon().node().clone();
+            let failure = tokio::select! {
+                stop = stop_signal(exit_with_parent) => { stop?; None }
+                reason = node.stopped() => Some(reason),
+            };
+            tracing::info!("stopping");
+            mgmtd.shutdown().await;
+            if let Some(reason) = failure {
+                bail!("raft node stopped: {reason}");
+            }
+            Ok(())
+        }
+        Cmd::Admin {
+            mgmtd,
+            json,
+            command,
+        } => {
+            let client = admin::client(mgmtd)?;
+            admin::run(command, &client, json).await
+        }
+    }
+}

@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use ff_net::{Call, NetClient, NetError, Transport};
 use fs3_proto::storage::{
-    ChunkId, ChunkMetaEntry, DumpMetaReply, DumpMetaRequest, ReadReply, ReadRequest, UpdateKind, WriteReply,
-    WriteRequest, fault, method,
+    ChunkId, ChunkMetaEntry, DumpMetaReply, DumpMetaRequest, ReadReply, ReadRequest, UpdateKind,
+    WriteReply, WriteRequest, fault, method,
 };
 use prost::Message as _;
 use tokio::time::Instant;
@@ -107,8 +107,12 @@ fn classify(error: NetError) -> (Next, String) {
     let text = error.to_string();
     let next = match error {
         NetError::Remote { code, message } => match code {
-            fault::STALE_CHAIN | fault::NOT_SERVING | fault::UNKNOWN_TARGET | fault::CHAIN_UNAVAILABLE
-            | fault::PENDING | fault::CORRUPT => Next::Retry,
+            fault::STALE_CHAIN
+            | fault::NOT_SERVING
+            | fault::UNKNOWN_TARGET
+            | fault::CHAIN_UNAVAILABLE
+            | fault::PENDING
+            | fault::CORRUPT => Next::Retry,
             fault::NOT_FOUND => Next::Fail(ClientError::NotFound(message)),
             fault::NO_SPACE => Next::Fail(ClientError::NoSpace(message)),
             fault::BAD_REQUEST => Next::Fail(ClientError::BadRequest(message)),
@@ -125,7 +129,11 @@ impl ChunkClient {
     /// A client routing through `routing`, talking ff-net through `net`; each operation gives
     /// up after `deadline` of retries.
     pub fn new(routing: Arc<RoutingCache>, net: Arc<NetClient>, deadline: Duration) -> Self {
-        ChunkClient { routing, net, deadline }
+        ChunkClient {
+            routing,
+            net,
+            deadline,
+        }
     }
 
     /// The routing cache.
@@ -139,7 +147,12 @@ impl ChunkClient {
     }
 
     /// Applies `update` to `chunk` on chain `chain_id`; returns once every replica committed.
-    pub async fn write(&self, chain_id: u64, chunk: ChunkId, update: ChunkUpdate) -> Result<WriteReply, ClientError> {
+    pub async fn write(
+        &self,
+        chain_id: u64,
+        chunk: ChunkId,
+        update: ChunkUpdate,
+    ) -> Result<WriteReply, ClientError> {
         let write_id: u64 = rand::random_range(1..u64::MAX);
         let deadline = Instant::now() + self.deadline;
         let mut attempt = 0;
@@ -148,9 +161,9 @@ impl ChunkClient {
             if routing.chain(chain_id).is_none() {
                 routing = self.routing.refresh_after(routing.version()).await?;
             }
-            let chain = routing
-                .chain(chain_id)
-                .ok_or_else(|| ClientError::BadRequest(format!("chain {chain_id} does not exist")))?;
+            let chain = routing.chain(chain_id).ok_or_else(|| {
+                ClientError::BadRequest(format!("chain {chain_id} does not exist"))
+            })?;
             let head = write_path(chain).first().copied();
             let target = head.and_then(|h| routing.target_addr(h).map(|a| (h, a.to_string())));
             let last = match target {
@@ -198,7 +211,13 @@ impl ChunkClient {
     }
 
     /// Reads `[offset, offset + length)` of `chunk` from a serving replica of chain `chain_id`.
-    pub async fn read(&self, chain_id: u64, chunk: ChunkId, offset: u32, length: u32) -> Result<ChunkData, ClientError> {
+    pub async fn read(
+        &self,
+        chain_id: u64,
+        chunk: ChunkId,
+        offset: u32,
+        length: u32,
+    ) -> Result<ChunkData, ClientError> {
         let deadline = Instant::now() + self.deadline;
         let mut attempt = 0;
         let mut last = String::from("no attempt made");
@@ -207,9 +226,9 @@ impl ChunkClient {
             if routing.chain(chain_id).is_none() {
                 routing = self.routing.refresh_after(routing.version()).await?;
             }
-            let chain = routing
-                .chain(chain_id)
-                .ok_or_else(|| ClientError::BadRequest(format!("chain {chain_id} does not exist")))?;
+            let chain = routing.chain(chain_id).ok_or_else(|| {
+                ClientError::BadRequest(format!("chain {chain_id} does not exist"))
+            })?;
             let mut replicas = readable(chain);
             // Spread reads over the replicas.
             if !replicas.is_empty() {
@@ -217,7 +236,9 @@ impl ChunkClient {
                 replicas.rotate_left(start);
             }
             for target in replicas {
-                let Some(addr) = routing.target_addr(target) else { continue };
+                let Some(addr) = routing.target_addr(target) else {
+                    continue;
+                };
                 let header = ReadRequest {
                     chain_id,
                     chain_version: chain.version,

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use ff_rpc::{ClientOptions, LeaderClient};
 use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
-use fs3_proto::mgmtd::{Chain, ChainTable, GetRoutingRequest, Node, PublicState, RoutingInfo, Target};
+use fs3_proto::mgmtd::{
+    Chain, ChainTable, GetRoutingRequest, Node, PublicState, RoutingInfo, Target,
+};
 
 use crate::ClientError;
 
@@ -23,9 +25,24 @@ pub struct Routing {
 impl Routing {
     /// Indexes `info`.
     pub fn new(info: RoutingInfo) -> Routing {
-        let chains = info.chains.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
-        let targets = info.targets.iter().enumerate().map(|(i, t)| (t.id, i)).collect();
-        let nodes = info.nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+        let chains = info
+            .chains
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id, i))
+            .collect();
+        let targets = info
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id, i))
+            .collect();
+        let nodes = info
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.id, i))
+            .collect();
         Routing {
             info,
             chains,
@@ -73,10 +90,12 @@ impl Routing {
     /// The chain holding `target` and the target's public state in it.
     pub fn chain_of(&self, target: u64) -> Option<(&Chain, PublicState)> {
         self.info.chains.iter().find_map(|c| {
-            c.targets
-                .iter()
-                .find(|t| t.target_id == target)
-                .map(|t| (c, PublicState::try_from(t.state).unwrap_or(PublicState::Offline)))
+            c.targets.iter().find(|t| t.target_id == target).map(|t| {
+                (
+                    c,
+                    PublicState::try_from(t.state).unwrap_or(PublicState::Offline),
+                )
+            })
         })
     }
 }
@@ -86,7 +105,12 @@ pub fn write_path(chain: &Chain) -> Vec<u64> {
     chain
         .targets
         .iter()
-        .filter(|t| matches!(PublicState::try_from(t.state), Ok(PublicState::Serving | PublicState::Syncing)))
+        .filter(|t| {
+            matches!(
+                PublicState::try_from(t.state),
+                Ok(PublicState::Serving | PublicState::Syncing)
+            )
+        })
         .map(|t| t.target_id)
         .collect()
 }
@@ -110,7 +134,9 @@ pub struct RoutingCache {
 
 impl std::fmt::Debug for RoutingCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RoutingCache").field("version", &self.current().version()).finish()
+        f.debug_struct("RoutingCache")
+            .field("version", &self.current().version())
+            .finish()
     }
 }
 
@@ -123,7 +149,8 @@ impl RoutingCache {
             connect_timeout: Duration::from_millis(500),
             ..ClientOptions::default()
         };
-        let mgmtd = LeaderClient::new(endpoints, options).map_err(|e| ClientError::Mgmtd(e.to_string()))?;
+        let mgmtd =
+            LeaderClient::new(endpoints, options).map_err(|e| ClientError::Mgmtd(e.to_string()))?;
         Ok(RoutingCache {
             mgmtd,
             current: RwLock::new(Arc::new(Routing::default())),
@@ -138,7 +165,10 @@ impl RoutingCache {
 
     /// The latest routing fetched.
     pub fn current(&self) -> Arc<Routing> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Fetches routing newer than `seen` (the version the caller found stale), unless another
@@ -154,7 +184,9 @@ impl RoutingCache {
             .mgmtd
             .call(|channel| async move {
                 MgmtdClient::new(channel)
-                    .get_routing(GetRoutingRequest { known_version: known })
+                    .get_routing(GetRoutingRequest {
+                        known_version: known,
+                    })
                     .await
             })
             .await

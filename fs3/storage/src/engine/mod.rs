@@ -527,7 +527,12 @@ impl ChunkEngine {
             pending: Some(staged.clone()),
         };
         if let Err(error) = self
-            .record(id, &new_meta, Some(&staged), replaced.as_ref())
+            .record(
+                id,
+                &new_meta,
+                Some(&staged),
+                replaced.iter().collect::<Vec<_>>().as_slice(),
+            )
             .await
         {
             self.release(&staged).await;
@@ -537,6 +542,104 @@ impl ChunkEngine {
             self.release(&replaced).await;
         }
         Ok(staged)
+    }
+
+    /// Stages `content` as pending `version` whatever the committed version is: for replicas
+    /// behind the head, which receive the whole new content of each write from their
+    /// predecessor. Idempotent like [`ChunkEngine::stage`].
+    pub async fn stage_replace_forced(
+        &self,
+        id: ChunkId,
+        version: u64,
+        write_id: u64,
+        content: Vec<u8>,
+    ) -> Result<ChunkVersion, EngineError> {
+        let _guard = self.locks.lock(id).await;
+        let meta = self.meta(id)?.unwrap_or_default();
+        if let Some(pending) = meta
+            .pending
+            .as_ref()
+            .filter(|p| p.version == version && p.write_id == write_id)
+        {
+            return Ok(pending.clone());
+        }
+        if meta
+            .committed
+            .as_ref()
+            .is_some_and(|c| c.version == version && c.write_id == write_id)
+        {
+            // Already committed here (a retried forward after a lost ack).
+            return Ok(meta.committed.clone().unwrap_or_default());
+        }
+        let (content, length) = self.apply_update(id, &[], Update::Replace(content))?;
+        let staged = self
+            .write_version(id, version, write_id, content, length)
+            .await?;
+        let replaced = meta.pending.clone();
+        let new_meta = ChunkMeta {
+            committed: meta.committed.clone(),
+            pending: Some(staged.clone()),
+        };
+        if let Err(error) = self
+            .record(
+                id,
+                &new_meta,
+                Some(&staged),
+                replaced.iter().collect::<Vec<_>>().as_slice(),
+            )
+            .await
+        {
+            self.release(&staged).await;
+            return Err(error);
+        }
+        if let Some(replaced) = replaced {
+            self.release(&replaced).await;
+        }
+        Ok(staged)
+    }
+
+    /// Makes `content` the committed `version` directly, dropping any pending version (recovery
+    /// copies chunks this way from a predecessor).
+    pub async fn install(
+        &self,
+        id: ChunkId,
+        version: u64,
+        write_id: u64,
+        content: Vec<u8>,
+    ) -> Result<ChunkVersion, EngineError> {
+        let _guard = self.locks.lock(id).await;
+        let meta = self.meta(id)?.unwrap_or_default();
+        let (content, length) = self.apply_update(id, &[], Update::Replace(content))?;
+        let installed = self
+            .write_version(id, version, write_id, content, length)
+            .await?;
+        let new_meta = ChunkMeta {
+            committed: Some(installed.clone()),
+            pending: None,
+        };
+        let freed: Vec<&ChunkVersion> = meta.committed.iter().chain(meta.pending.iter()).collect();
+        if let Err(error) = self.record(id, &new_meta, Some(&installed), &freed).await {
+            self.release(&installed).await;
+            return Err(error);
+        }
+        for old in freed {
+            self.release(old).await;
+        }
+        Ok(installed)
+    }
+
+    /// The whole content of the pending `version` of chunk `id`.
+    pub async fn read_pending(&self, id: ChunkId, version: u64) -> Result<Vec<u8>, EngineError> {
+        let meta = self.meta(id)?.ok_or(EngineError::NotFound(id))?;
+        let pending = meta
+            .pending
+            .filter(|p| p.version == version)
+            .ok_or(EngineError::NotPending { chunk: id, version })?;
+        if pending.length == 0 {
+            return Ok(Vec::new());
+        }
+        self.read_blocks(id, &pending, 0, u64::from(pending.length))
+            .await
     }
 
     /// Builds the new content of a chunk from its old content and an update.
@@ -652,7 +755,13 @@ impl ChunkEngine {
             committed: Some(pending),
             pending: None,
         };
-        self.record(id, &new_meta, None, old.as_ref()).await?;
+        self.record(
+            id,
+            &new_meta,
+            None,
+            old.iter().collect::<Vec<_>>().as_slice(),
+        )
+        .await?;
         if let Some(old) = old {
             self.release(&old).await;
         }
@@ -672,7 +781,7 @@ impl ChunkEngine {
             committed: meta.committed.clone(),
             pending: None,
         };
-        self.record(id, &new_meta, None, Some(&pending)).await?;
+        self.record(id, &new_meta, None, &[&pending]).await?;
         self.release(&pending).await;
         Ok(())
     }
@@ -708,7 +817,7 @@ impl ChunkEngine {
         id: ChunkId,
         meta: &ChunkMeta,
         claimed: Option<&ChunkVersion>,
-        freed: Option<&ChunkVersion>,
+        freed: &[&ChunkVersion],
     ) -> Result<(), EngineError> {
         let txn = self.db.begin_write().map_err(meta_err("begin"))?;
         {
@@ -721,7 +830,7 @@ impl ChunkEngine {
                 free.remove((claimed.class, claimed.slot))
                     .map_err(meta_err("claim slot"))?;
             }
-            if let Some(freed) = freed {
+            for freed in freed {
                 free.insert((freed.class, freed.slot), ())
                     .map_err(meta_err("free slot"))?;
             }

@@ -1,35 +1,44 @@
-//! Per-chunk locks: writers of one chunk on one target take turns; different chunks proceed
-//! in parallel. Entries exist only while a chunk is locked or waited for.
+//! Per-key locks (per chunk, or per target and chunk): holders of one key take turns; different
+//! keys proceed in parallel. Entries exist only while a key is locked or waited for.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedMutexGuard;
 
-use super::meta::ChunkId;
+use std::hash::Hash;
 
-#[derive(Debug, Default)]
-pub(crate) struct ChunkLocks {
-    map: Mutex<HashMap<ChunkId, Arc<tokio::sync::Mutex<()>>>>,
+#[derive(Debug)]
+pub struct KeyLocks<K> {
+    map: Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// Holds one chunk's lock; releases it (and forgets the entry if nobody waits) when dropped.
-pub(crate) struct ChunkGuard<'a> {
-    locks: &'a ChunkLocks,
-    id: ChunkId,
+impl<K> Default for KeyLocks<K> {
+    fn default() -> Self {
+        KeyLocks {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Holds one key's lock; releases it (and forgets the entry if nobody waits) when dropped.
+pub struct KeyGuard<'a, K: Hash + Eq + Copy> {
+    locks: &'a KeyLocks<K>,
+    id: K,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
-impl ChunkLocks {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkId, Arc<tokio::sync::Mutex<()>>>> {
+impl<K: Hash + Eq + Copy> KeyLocks<K> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<tokio::sync::Mutex<()>>>> {
         // Inserts and removals only; a poisoned map is still consistent.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) async fn lock(&self, id: ChunkId) -> ChunkGuard<'_> {
+    /// Waits for and takes the lock of `id`.
+    pub async fn lock(&self, id: K) -> KeyGuard<'_, K> {
         let mutex = self.map().entry(id).or_default().clone();
         let guard = mutex.lock_owned().await;
-        ChunkGuard {
+        KeyGuard {
             locks: self,
             id,
             guard: Some(guard),
@@ -42,7 +51,7 @@ impl ChunkLocks {
     }
 }
 
-impl Drop for ChunkGuard<'_> {
+impl<K: Hash + Eq + Copy> Drop for KeyGuard<'_, K> {
     fn drop(&mut self) {
         let mut map = self.locks.map();
         // Clones are only taken under the map lock, so this count cannot grow meanwhile:
@@ -57,10 +66,11 @@ impl Drop for ChunkGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::ChunkId;
 
     #[tokio::test]
     async fn a_chunk_is_locked_by_one_writer_at_a_time_and_forgotten_after() {
-        let locks = ChunkLocks::default();
+        let locks = KeyLocks::<ChunkId>::default();
         let a = ChunkId { inode: 1, index: 0 };
         let b = ChunkId { inode: 1, index: 1 };
         let guard = locks.lock(a).await;

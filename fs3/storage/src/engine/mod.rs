@@ -16,7 +16,7 @@
 //! metadata and is verified on every read. Class files grow in steps written with zeros (not
 //! fallocated), so later writes never pay for converting unwritten extents (ADR 003).
 
-mod locks;
+pub mod locks;
 pub mod meta;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::buf::{AlignedBuf, BLOCK, round_up};
 use crate::io::{Io, IoBackend, open_direct};
-use locks::ChunkLocks;
+use locks::KeyLocks;
 pub use meta::{ChunkId, ChunkMeta, ChunkVersion};
 
 const CHUNKS: TableDefinition<'static, &'static [u8], &'static [u8]> =
@@ -234,7 +234,7 @@ pub struct ChunkEngine {
     db: Database,
     io: Io,
     classes: Vec<SizeClass>,
-    locks: ChunkLocks,
+    locks: KeyLocks<ChunkId>,
     max_chunk_size: u64,
     growth: u64,
     reserved: u64,
@@ -314,7 +314,7 @@ impl ChunkEngine {
             db,
             io,
             classes,
-            locks: ChunkLocks::default(),
+            locks: KeyLocks::default(),
             max_chunk_size: max,
             growth: config.class_growth.bytes(),
             reserved: config.reserved_space.bytes(),

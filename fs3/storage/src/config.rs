@@ -1,0 +1,137 @@
+//! Configuration of one storage daemon; the commented defaults are in
+//! `deploy/config/fs3-storage.toml`.
+
+use std::path::PathBuf;
+
+use ff_config::{ConfigError, DaemonConfig, Duration, ensure};
+use ff_net::NetConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+
+/// Configuration of one storage daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// This service's node id, unique in the cluster, never 0.
+    pub node_id: u64,
+    /// Address the data service (ff-net) binds; clients and other storage services connect here.
+    pub listen_addr: String,
+    /// Address of the Prometheus endpoint; empty disables it.
+    pub metrics_addr: String,
+    /// mgmtd replicas (`host:port`).
+    pub mgmtd: Vec<String>,
+    /// How often to send heartbeats to mgmtd (well below mgmtd's lease).
+    pub heartbeat_interval: Duration,
+    /// Without a successful heartbeat for this long the service stops serving: mgmtd may have
+    /// moved its targets out of their chains (half of mgmtd's lease).
+    pub isolation_timeout: Duration,
+    /// The targets (one disk directory each) this service keeps.
+    pub targets: Vec<TargetConfig>,
+    /// Chunk engine settings, for every target.
+    pub engine: EngineConfig,
+    /// Data transport settings.
+    pub net: NetConfig,
+}
+
+/// One target of a storage service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// The target's id, unique in the cluster, never 0.
+    pub id: u64,
+    /// Directory on the target's disk.
+    pub path: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            node_id: 1,
+            listen_addr: "127.0.0.1:8100".to_string(),
+            metrics_addr: "127.0.0.1:9900".to_string(),
+            mgmtd: vec!["127.0.0.1:8000".to_string()],
+            heartbeat_interval: Duration::secs(1),
+            isolation_timeout: Duration::millis(2500),
+            targets: vec![TargetConfig {
+                id: 101,
+                path: PathBuf::from("data/storage/101"),
+            }],
+            engine: EngineConfig::default(),
+            net: NetConfig::default(),
+        }
+    }
+}
+
+impl DaemonConfig for StorageConfig {
+    const ENV_PREFIX: &'static str = "FS3_STORAGE";
+    const TEMPLATE: &'static str = include_str!("../../../deploy/config/fs3-storage.toml");
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(self.node_id != 0, "node_id", "must not be 0")?;
+        ensure(
+            self.listen_addr.parse::<std::net::SocketAddr>().is_ok(),
+            "listen_addr",
+            format!("{:?} is not an ip:port address", self.listen_addr),
+        )?;
+        ensure(
+            self.metrics_addr.is_empty()
+                || self.metrics_addr.parse::<std::net::SocketAddr>().is_ok(),
+            "metrics_addr",
+            format!(
+                "{:?} is not an ip:port address (or empty to disable)",
+                self.metrics_addr
+            ),
+        )?;
+        ensure(!self.mgmtd.is_empty(), "mgmtd", "lists no mgmtd replica")?;
+        ensure(
+            !self.heartbeat_interval.get().is_zero(),
+            "heartbeat_interval",
+            "must not be 0",
+        )?;
+        ensure(
+            self.isolation_timeout.get() > self.heartbeat_interval.get(),
+            "isolation_timeout",
+            format!(
+                "must exceed heartbeat_interval ({})",
+                self.heartbeat_interval
+            ),
+        )?;
+        ensure(!self.targets.is_empty(), "targets", "lists no target")?;
+        let mut ids = std::collections::HashSet::new();
+        let mut paths = std::collections::HashSet::new();
+        for target in &self.targets {
+            ensure(target.id != 0, "targets", "target id 0 is invalid")?;
+            ensure(
+                ids.insert(target.id),
+                "targets",
+                format!("target {} is listed twice", target.id),
+            )?;
+            ensure(
+                paths.insert(target.path.clone()),
+                "targets",
+                format!("two targets share {}", target.path.display()),
+            )?;
+        }
+        self.engine.validate("engine")?;
+        self.net.validate("net")?;
+        ensure(
+            self.net.max_payload.bytes() >= self.engine.max_chunk_size.bytes(),
+            "net.max_payload",
+            format!(
+                "must hold a whole chunk (engine.max_chunk_size = {})",
+                self.engine.max_chunk_size
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_documents_the_defaults() {
+        ff_config::check_template::<StorageConfig>().unwrap();
+    }
+}

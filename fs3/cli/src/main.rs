@@ -8,6 +8,7 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use ff_config::DaemonConfig;
 use fs3_mgmtd::{Mgmtd, MgmtdConfig};
+use fs3_storage::{StorageConfig, StorageDaemon};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +25,18 @@ struct Cli {
 enum Cmd {
     /// Run a cluster manager replica.
     Mgmtd {
+        /// Config file (TOML); see --print-default-config.
+        #[arg(long, required_unless_present = "print_default_config")]
+        config: Option<PathBuf>,
+        /// Print the documented default config and exit.
+        #[arg(long)]
+        print_default_config: bool,
+        /// Exit when standard input closes (used by supervisors that pipe it).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
+    },
+    /// Run a storage daemon (its targets, CRAQ replication and recovery).
+    Storage {
         /// Config file (TOML); see --print-default-config.
         #[arg(long, required_unless_present = "print_default_config")]
         config: Option<PathBuf>,
@@ -115,6 +128,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(reason) = failure {
                 bail!("raft node stopped: {reason}");
             }
+            Ok(())
+        }
+        Cmd::Storage {
+            config,
+            print_default_config,
+            exit_with_parent,
+        } => {
+            if print_default_config {
+                print!("{}", StorageConfig::TEMPLATE);
+                return Ok(());
+            }
+            init_logging();
+            let config: StorageConfig = ff_config::load(config.as_deref())?;
+            let storage = StorageDaemon::start(config).await?;
+            stop_signal(exit_with_parent).await?;
+            tracing::info!("stopping");
+            storage.shutdown().await;
             Ok(())
         }
         Cmd::Admin {

@@ -8,12 +8,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
+use ff_harness::{ChildProcess, ensure_free};
 use ff_raft::proto::StatusReply;
 use ff_raft::{MemberConfig, RaftConfig};
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use crate::client::KvClient;
@@ -39,9 +38,7 @@ pub struct ProcessClusterSpec {
 struct ChildNode {
     addr: String,
     metrics_addr: String,
-    config_path: PathBuf,
-    log_path: PathBuf,
-    child: Option<Child>,
+    process: ChildProcess,
 }
 
 /// Running (or stopped) node processes.
@@ -92,27 +89,32 @@ impl ProcessCluster {
                 };
                 std::fs::write(&config_path, toml::to_string(&config)?)?;
             }
+            let process = ChildProcess::new(
+                format!("node-{id}"),
+                &spec.binary,
+                [
+                    "serve".into(),
+                    "--config".into(),
+                    config_path.into_os_string(),
+                    "--exit-with-parent".into(),
+                ],
+                spec.dir.join(format!("node-{id}.log")),
+            );
             nodes.insert(
                 id,
                 ChildNode {
                     addr,
                     metrics_addr,
-                    config_path,
-                    log_path: spec.dir.join(format!("node-{id}.log")),
-                    child: None,
+                    process,
                 },
             );
         }
-        // A node that cannot bind would only show up as a missing leader much later.
-        for node in nodes.values() {
-            for addr in [&node.addr, &node.metrics_addr] {
-                if !addr.is_empty() && std::net::TcpListener::bind(addr.as_str()).is_err() {
-                    anyhow::bail!(
-                        "{addr} is already in use (another cluster running?); choose other ports with --port / --metrics-port"
-                    );
-                }
-            }
-        }
+        ensure_free(
+            nodes
+                .values()
+                .flat_map(|n| [n.addr.as_str(), n.metrics_addr.as_str()]),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}: use --port / --metrics-port"))?;
         let endpoints = nodes.values().map(|n| n.addr.clone()).collect();
         let options = ff_rpc::ClientOptions {
             total_timeout: Duration::from_secs(30),
@@ -155,75 +157,34 @@ impl ProcessCluster {
 
     /// Log file of node `id`.
     pub fn log_path(&self, id: u64) -> Option<&Path> {
-        self.nodes.get(&id).map(|n| n.log_path.as_path())
+        self.nodes.get(&id).map(|n| n.process.log_path())
     }
 
     /// The process id of node `id`, if it runs.
     pub fn pid(&self, id: u64) -> Option<u32> {
-        self.nodes.get(&id)?.child.as_ref()?.id()
+        self.nodes.get(&id)?.process.pid()
+    }
+
+    fn node(&mut self, id: u64) -> anyhow::Result<&mut ChildProcess> {
+        self.nodes
+            .get_mut(&id)
+            .map(|n| &mut n.process)
+            .ok_or_else(|| anyhow::anyhow!("no node {id}"))
     }
 
     /// Starts node `id`'s process.
     pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
-        let node = self
-            .nodes
-            .get_mut(&id)
-            .ok_or_else(|| anyhow::anyhow!("no node {id}"))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log_path)?;
-        let child = Command::new(&self.spec.binary)
-            .arg("serve")
-            .arg("--config")
-            .arg(&node.config_path)
-            .arg("--exit-with-parent")
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", self.spec.binary.display()))?;
-        node.child = Some(child);
-        Ok(())
+        self.node(id)?.spawn()
     }
 
     /// Kills node `id` with SIGKILL and reaps it.
     pub async fn kill(&mut self, id: u64) -> anyhow::Result<()> {
-        let node = self
-            .nodes
-            .get_mut(&id)
-            .ok_or_else(|| anyhow::anyhow!("no node {id}"))?;
-        if let Some(mut child) = node.child.take() {
-            child.start_kill()?;
-            child.wait().await?;
-        }
-        Ok(())
+        self.node(id)?.kill().await
     }
 
     /// Asks node `id` to stop (SIGTERM) and waits up to `grace`, then kills it.
     pub async fn stop(&mut self, id: u64, grace: Duration) -> anyhow::Result<Option<i32>> {
-        let node = self
-            .nodes
-            .get_mut(&id)
-            .ok_or_else(|| anyhow::anyhow!("no node {id}"))?;
-        let Some(mut child) = node.child.take() else {
-            return Ok(None);
-        };
-        if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        match tokio::time::timeout(grace, child.wait()).await {
-            Ok(status) => Ok(status?.code()),
-            Err(_) => {
-                child.start_kill()?;
-                child.wait().await?;
-                Ok(None)
-            }
-        }
+        self.node(id)?.stop(grace).await
     }
 
     /// Stops every node gracefully.
@@ -238,23 +199,17 @@ impl ProcessCluster {
 
     /// Ids of nodes whose process exited on its own; reaps them.
     pub fn exited(&mut self) -> Vec<(u64, Option<i32>)> {
-        let mut exited = Vec::new();
-        for (id, node) in &mut self.nodes {
-            if let Some(child) = &mut node.child
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                exited.push((*id, status.code()));
-                node.child = None;
-            }
-        }
-        exited
+        self.nodes
+            .iter_mut()
+            .filter_map(|(id, node)| node.process.try_exited().map(|code| (*id, code)))
+            .collect()
     }
 
     /// Status of every running node that answers.
     pub async fn statuses(&self) -> BTreeMap<u64, StatusReply> {
         let mut statuses = BTreeMap::new();
         for (id, node) in &self.nodes {
-            if node.child.is_none() {
+            if !node.process.is_running() {
                 continue;
             }
             if let Ok(status) = self.client.status_of(&node.addr).await {
@@ -273,7 +228,11 @@ impl ProcessCluster {
         let deadline = Instant::now() + timeout;
         loop {
             let statuses = self.statuses().await;
-            let running = self.nodes.values().filter(|n| n.child.is_some()).count();
+            let running = self
+                .nodes
+                .values()
+                .filter(|n| n.process.is_running())
+                .count();
             if let Some(leader) = statuses.values().find(|s| s.role == "leader") {
                 let agreed = statuses.len() == running
                     && statuses
@@ -301,7 +260,11 @@ impl ProcessCluster {
         let deadline = Instant::now() + timeout;
         loop {
             let statuses = self.statuses().await;
-            let running = self.nodes.values().filter(|n| n.child.is_some()).count();
+            let running = self
+                .nodes
+                .values()
+                .filter(|n| n.process.is_running())
+                .count();
             if let Some(leader) = statuses.values().find(|s| s.role == "leader") {
                 let target = leader.commit_index;
                 if statuses.len() == running && statuses.values().all(|s| s.applied_index >= target)
@@ -321,22 +284,4 @@ impl ProcessCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-/// A base port such that `count` consecutive loopback ports from it are free right now, for
-/// tests that run several process clusters side by side.
-pub fn free_port_block(count: u16) -> std::io::Result<u16> {
-    for _ in 0..200 {
-        let base: u16 = rand::random_range(20_000..60_000);
-        let listeners: Vec<_> = (0..count)
-            .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok())
-            .collect();
-        if listeners.len() == usize::from(count) {
-            return Ok(base);
-        }
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::AddrInUse,
-        format!("no block of {count} free loopback ports found"),
-    ))
 }

@@ -8,12 +8,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use ff_harness::free_port_block;
 use ff_raft::proto::raft_client::RaftClient;
 use ff_raft::proto::raft_peer_client::RaftPeerClient;
 use ff_raft::proto::{MessageBatch, ProposeRequest, SnapshotChunk, SnapshotHeader};
 use ff_raft::{Consistency, RaftConfig};
 use ff_raft_kv::local::{LocalCluster, fast_raft_config};
-use ff_raft_kv::procs::free_port_block;
 use ff_raft_kv::proto::{Command as KvCommand, Put, Query, Scan, command, query};
 use protobuf::Message as _;
 

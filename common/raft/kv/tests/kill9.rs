@@ -9,9 +9,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ff_harness::free_port_block;
 use ff_raft::RaftConfig;
 use ff_raft_kv::KvClient;
-use ff_raft_kv::procs::{ProcessCluster, ProcessClusterSpec, free_port_block};
+use ff_raft_kv::procs::{ProcessCluster, ProcessClusterSpec};
 
 const KEYS: usize = 2000;
 const WRITERS: usize = 8;

@@ -1,0 +1,139 @@
+//! Shared by the fs3 end-to-end tests: starting a local cluster of real `fs3` processes,
+//! generating chunk contents that identify themselves, and comparing replicas.
+
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ff_harness::fs3::{Fs3Cluster, Fs3ClusterSpec, TABLE_ID};
+use fs3_client::ChunkClient;
+use fs3_proto::storage::ChunkId;
+
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A cluster of `mgmtd` replicas and `storage` daemons (one target each), replication 3,
+/// in a fresh temporary directory.
+pub async fn cluster(mgmtd: u64, storage: u64) -> (tempfile::TempDir, Fs3Cluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = Fs3ClusterSpec::new("", dir.path(), mgmtd, storage, 3, 0);
+    let port = ff_harness::free_port_block(probe.port_count()).unwrap();
+    let spec = Fs3ClusterSpec::new(
+        env!("CARGO_BIN_EXE_fs3"),
+        dir.path(),
+        mgmtd,
+        storage,
+        3,
+        port,
+    );
+    let cluster = match Fs3Cluster::start(spec, START_TIMEOUT).await {
+        Ok(cluster) => cluster,
+        Err(error) => {
+            dump_logs(dir.path());
+            panic!("cluster did not start: {error:#}");
+        }
+    };
+    (dir, cluster)
+}
+
+/// Prints every daemon log in `dir` (for failing tests).
+pub fn dump_logs(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("==== {} (last 60 lines)", path.display());
+            for line in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// The chains of the bootstrapped table.
+pub async fn chains(cluster: &Fs3Cluster) -> Vec<u64> {
+    let routing = cluster.routing().await.unwrap();
+    routing
+        .tables
+        .iter()
+        .find(|t| t.id == TABLE_ID)
+        .unwrap()
+        .chains
+        .clone()
+}
+
+/// Content of chunk `index` written as generation `generation`: every 8 bytes name the chunk,
+/// the generation and the offset, so a misplaced or stale block is recognisable.
+pub fn content(inode: u64, index: u32, generation: u32, length: usize) -> Bytes {
+    let mut data = Vec::with_capacity(length + 8);
+    let mut offset = 0u64;
+    while data.len() < length {
+        let word = inode.rotate_left(40)
+            ^ (u64::from(index) << 32)
+            ^ (u64::from(generation) << 48)
+            ^ offset;
+        data.extend_from_slice(&word.to_le_bytes());
+        offset += 8;
+    }
+    data.truncate(length);
+    Bytes::from(data)
+}
+
+pub fn chunk(inode: u64, index: u32) -> ChunkId {
+    ChunkId {
+        inode,
+        index: index.into(),
+    }
+}
+
+/// For every chunk on any target: the (version, length, crc) each replica of its chain holds.
+/// Replicas are identical when every entry lists the same triple for every target.
+pub async fn replica_views(
+    client: &ChunkClient,
+    cluster: &Fs3Cluster,
+) -> BTreeMap<(u64, (u64, u64)), BTreeMap<u64, (u64, u32, u32)>> {
+    let routing = cluster.routing().await.unwrap();
+    let mut views = BTreeMap::new();
+    for chain in &routing.chains {
+        for target in &chain.targets {
+            for entry in client.dump_meta(target.target_id).await.unwrap() {
+                let id = entry.chunk.unwrap();
+                views
+                    .entry((chain.id, (id.inode, id.index)))
+                    .or_insert_with(BTreeMap::new)
+                    .insert(
+                        target.target_id,
+                        (entry.committed_version, entry.length, entry.crc32c),
+                    );
+            }
+        }
+    }
+    views
+}
+
+/// Asserts that every chunk is held identically by all `replication` replicas of its chain.
+pub async fn assert_replicas_identical(
+    client: &ChunkClient,
+    cluster: &Fs3Cluster,
+    replication: usize,
+) {
+    let views = replica_views(client, cluster).await;
+    assert!(!views.is_empty(), "no chunks at all");
+    for (chunk, replicas) in &views {
+        assert_eq!(
+            replicas.len(),
+            replication,
+            "chunk {chunk:?} replicas: {replicas:?}"
+        );
+        let first = replicas.values().next().unwrap();
+        assert!(
+            replicas.values().all(|r| r == first),
+            "chunk {chunk:?} differs between replicas: {replicas:?}"
+        );
+    }
+}

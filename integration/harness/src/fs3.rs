@@ -1,0 +1,516 @@
+//! A local fs3 cluster as real processes on loopback: mgmtd replicas (a raft group) and storage
+//! daemons with one or more targets each, all started from the `fs3` binary with generated
+//! configs. What the fs3 end-to-end tests kill with SIGKILL, what `fs3 bench storage` measures,
+//! and what `fireflyer up` starts.
+//!
+//! Layout under the cluster directory: `mgmtd-N.toml`, `mgmtd-N/` (raft data), `mgmtd-N.log`,
+//! `storage-N.toml`, `storage-N.log`; targets live in `TARGET_ROOT/storage-N/target-ID/`.
+//! Configs are written once: starting again on the same directory brings back the same
+//! cluster with its data.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ff_raft::proto::StatusRequest;
+use ff_raft::proto::raft_client::RaftClient;
+use ff_raft::{MemberConfig, RaftConfig};
+use ff_rpc::{ClientOptions, LeaderClient};
+use fs3_client::{ChunkClient, RoutingCache};
+use fs3_mgmtd::MgmtdConfig;
+use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
+use fs3_proto::mgmtd::{BootstrapRequest, GetRoutingRequest, PublicState, RoutingInfo};
+use fs3_storage::engine::EngineConfig;
+use fs3_storage::{StorageConfig, TargetConfig};
+
+use crate::process::ChildProcess;
+use crate::{NotReady, ensure_free, wait_for};
+
+/// The chain table a new cluster is bootstrapped into.
+pub const TABLE_ID: u64 = 1;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Fs3ClusterSpec {
+    /// The `fs3` binary.
+    pub binary: PathBuf,
+    /// Directory for configs, mgmtd data and logs.
+    pub dir: PathBuf,
+    /// Directory under which the targets live (may be another disk); defaults to `dir`.
+    pub target_root: Option<PathBuf>,
+    /// mgmtd replicas (1 or 3 in practice).
+    pub mgmtd_replicas: u64,
+    /// Storage daemons.
+    pub storage_nodes: u64,
+    /// Targets per storage daemon.
+    pub targets_per_node: u64,
+    /// Replicas per chain for the bootstrapped table.
+    pub replication: u32,
+    /// First of a block of [`Fs3ClusterSpec::port_count`] consecutive free loopback ports.
+    pub base_port: u16,
+    /// Whether every daemon serves `/metrics` (on ports after the service ports).
+    pub metrics: bool,
+    /// mgmtd's lease: a storage daemon silent this long has its targets taken offline.
+    pub lease: Duration,
+    /// mgmtd raft tick (elections take about ten ticks).
+    pub raft_tick: Duration,
+    /// Chunk engine settings of every target.
+    pub engine: EngineConfig,
+}
+
+impl Fs3ClusterSpec {
+    /// A spec with test-friendly timings: `mgmtd_replicas` mgmtd, `storage_nodes` daemons of one
+    /// target each, replication `replication`, 3 s lease.
+    pub fn new(
+        binary: impl Into<PathBuf>,
+        dir: impl Into<PathBuf>,
+        mgmtd_replicas: u64,
+        storage_nodes: u64,
+        replication: u32,
+        base_port: u16,
+    ) -> Self {
+        Fs3ClusterSpec {
+            binary: binary.into(),
+            dir: dir.into(),
+            target_root: None,
+            mgmtd_replicas,
+            storage_nodes,
+            targets_per_node: 1,
+            replication,
+            base_port,
+            metrics: true,
+            lease: Duration::from_secs(3),
+            raft_tick: Duration::from_millis(50),
+            engine: EngineConfig {
+                // Tests and demos run many targets on one small disk.
+                reserved_space: ff_config::ByteSize::mib(16),
+                max_chunk_size: ff_config::ByteSize::mib(16),
+                class_growth: ff_config::ByteSize::mib(16),
+                ..EngineConfig::default()
+            },
+        }
+    }
+
+    /// How many consecutive ports the cluster uses from `base_port`.
+    pub fn port_count(&self) -> u16 {
+        let services = self.mgmtd_replicas + self.storage_nodes;
+        let total = if self.metrics { services * 2 } else { services };
+        u16::try_from(total).unwrap_or(u16::MAX)
+    }
+
+    fn port(&self, offset: u64) -> String {
+        format!("127.0.0.1:{}", u64::from(self.base_port) + offset)
+    }
+
+    fn mgmtd_addr(&self, id: u64) -> String {
+        self.port(id - 1)
+    }
+
+    fn storage_addr(&self, node: u64) -> String {
+        self.port(self.mgmtd_replicas + node - 1)
+    }
+
+    fn metrics_addr(&self, service_index: u64) -> String {
+        if self.metrics {
+            self.port(self.mgmtd_replicas + self.storage_nodes + service_index)
+        } else {
+            String::new()
+        }
+    }
+
+    /// Target ids of storage daemon `node`.
+    pub fn targets_of(&self, node: u64) -> Vec<u64> {
+        (1..=self.targets_per_node)
+            .map(|t| node * 100 + t)
+            .collect()
+    }
+
+    /// The storage daemon holding `target`.
+    pub fn node_of(&self, target: u64) -> u64 {
+        target / 100
+    }
+
+    /// Directory of `target`.
+    pub fn target_path(&self, target: u64) -> PathBuf {
+        self.target_root
+            .as_ref()
+            .unwrap_or(&self.dir)
+            .join(format!("storage-{}", self.node_of(target)))
+            .join(format!("target-{target}"))
+    }
+}
+
+/// A running (or partly stopped) local fs3 cluster.
+#[derive(Debug)]
+pub struct Fs3Cluster {
+    spec: Fs3ClusterSpec,
+    mgmtd: BTreeMap<u64, ChildProcess>,
+    storage: BTreeMap<u64, ChildProcess>,
+    metrics: BTreeMap<String, String>,
+    client: LeaderClient,
+}
+
+fn daemon_args(kind: &str, config: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        kind.into(),
+        "--config".into(),
+        config.into(),
+        "--exit-with-parent".into(),
+    ]
+}
+
+impl Fs3Cluster {
+    /// Writes configs (unless present), starts every process, waits for an mgmtd leader and
+    /// every storage daemon, bootstraps chain table [`TABLE_ID`] if there is none, and waits
+    /// until every chain is fully serving.
+    pub async fn start(spec: Fs3ClusterSpec, timeout: Duration) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            spec.mgmtd_replicas >= 1 && spec.storage_nodes >= 1 && spec.targets_per_node >= 1,
+            "a cluster needs at least one mgmtd, one storage daemon and one target"
+        );
+        std::fs::create_dir_all(&spec.dir)?;
+        let members: Vec<MemberConfig> = (1..=spec.mgmtd_replicas)
+            .map(|id| MemberConfig {
+                id,
+                addr: spec.mgmtd_addr(id),
+            })
+            .collect();
+        let mgmtd_endpoints: Vec<String> = members.iter().map(|m| m.addr.clone()).collect();
+        let mut metrics = BTreeMap::new();
+        let mut mgmtd = BTreeMap::new();
+        for id in 1..=spec.mgmtd_replicas {
+            let config_path = spec.dir.join(format!("mgmtd-{id}.toml"));
+            let metrics_addr = spec.metrics_addr(id - 1);
+            if !config_path.exists() {
+                let config = MgmtdConfig {
+                    listen_addr: spec.mgmtd_addr(id),
+                    metrics_addr: metrics_addr.clone(),
+                    lease: ff_config::Duration(spec.lease),
+                    detector_interval: ff_config::Duration(spec.lease / 10),
+                    raft: RaftConfig {
+                        node_id: id,
+                        cluster: "fs3-mgmtd".to_string(),
+                        data_dir: spec.dir.join(format!("mgmtd-{id}")),
+                        advertise_addr: spec.mgmtd_addr(id),
+                        initial_members: members.clone(),
+                        tick_interval: ff_config::Duration(spec.raft_tick),
+                        ..RaftConfig::default()
+                    },
+                };
+                std::fs::write(&config_path, toml::to_string(&config)?)?;
+            }
+            metrics.insert(format!("mgmtd-{id}"), metrics_addr);
+            mgmtd.insert(
+                id,
+                ChildProcess::new(
+                    format!("mgmtd-{id}"),
+                    &spec.binary,
+                    daemon_args("mgmtd", &config_path),
+                    spec.dir.join(format!("mgmtd-{id}.log")),
+                ),
+            );
+        }
+        let mut storage = BTreeMap::new();
+        for node in 1..=spec.storage_nodes {
+            let config_path = spec.dir.join(format!("storage-{node}.toml"));
+            let metrics_addr = spec.metrics_addr(spec.mgmtd_replicas + node - 1);
+            if !config_path.exists() {
+                let heartbeat = spec.lease / 6;
+                let config = StorageConfig {
+                    node_id: node,
+                    listen_addr: spec.storage_addr(node),
+                    metrics_addr: metrics_addr.clone(),
+                    mgmtd: mgmtd_endpoints.clone(),
+                    heartbeat_interval: ff_config::Duration(heartbeat),
+                    isolation_timeout: ff_config::Duration(spec.lease / 2),
+                    targets: spec
+                        .targets_of(node)
+                        .into_iter()
+                        .map(|id| TargetConfig {
+                            id,
+                            path: spec.target_path(id),
+                        })
+                        .collect(),
+                    engine: spec.engine.clone(),
+                    ..StorageConfig::default()
+                };
+                std::fs::write(&config_path, toml::to_string(&config)?)?;
+            }
+            metrics.insert(format!("storage-{node}"), metrics_addr);
+            storage.insert(
+                node,
+                ChildProcess::new(
+                    format!("storage-{node}"),
+                    &spec.binary,
+                    daemon_args("storage", &config_path),
+                    spec.dir.join(format!("storage-{node}.log")),
+                ),
+            );
+        }
+        let addrs: Vec<String> = (1..=spec.mgmtd_replicas)
+            .map(|id| spec.mgmtd_addr(id))
+            .chain((1..=spec.storage_nodes).map(|n| spec.storage_addr(n)))
+            .chain(metrics.values().cloned())
+            .collect();
+        ensure_free(addrs.iter().map(String::as_str))?;
+        let client = LeaderClient::new(
+            mgmtd_endpoints,
+            ClientOptions {
+                total_timeout: Duration::from_secs(20),
+                request_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_millis(500),
+                ..ClientOptions::default()
+            },
+        )?;
+        let mut cluster = Fs3Cluster {
+            spec,
+            mgmtd,
+            storage,
+            metrics,
+            client,
+        };
+        for process in cluster.mgmtd.values_mut() {
+            process.spawn()?;
+        }
+        cluster.wait_for_mgmtd_leader(None, timeout).await?;
+        for process in cluster.storage.values_mut() {
+            process.spawn()?;
+        }
+        cluster.wait_registered(timeout).await?;
+        if cluster.routing().await?.tables.is_empty() {
+            let replication = cluster.spec.replication;
+            cluster
+                .client
+                .call(|channel| async move {
+                    MgmtdClient::new(channel)
+                        .bootstrap(BootstrapRequest {
+                            table_id: TABLE_ID,
+                            replication,
+                        })
+                        .await
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("bootstrap: {}", s.message()))?;
+        }
+        cluster.wait_all_serving(timeout).await?;
+        Ok(cluster)
+    }
+
+    /// What the cluster was started from.
+    pub fn spec(&self) -> &Fs3ClusterSpec {
+        &self.spec
+    }
+
+    /// The mgmtd endpoints.
+    pub fn mgmtd_endpoints(&self) -> Vec<String> {
+        (1..=self.spec.mgmtd_replicas)
+            .map(|id| self.spec.mgmtd_addr(id))
+            .collect()
+    }
+
+    /// A client of the mgmtd group (follows the leader).
+    pub fn mgmtd(&self) -> &LeaderClient {
+        &self.client
+    }
+
+    /// Metrics endpoint of each daemon, by name (`mgmtd-1`, `storage-2`, …).
+    pub fn metrics_endpoints(&self) -> &BTreeMap<String, String> {
+        &self.metrics
+    }
+
+    /// A chunk client with its own routing cache and connections; operations retry for up to
+    /// `deadline`.
+    pub fn chunk_client(&self, deadline: Duration) -> anyhow::Result<ChunkClient> {
+        let routing = Arc::new(RoutingCache::new(self.mgmtd_endpoints())?);
+        let net = Arc::new(ff_net::NetClient::new(ff_net::NetConfig::default()));
+        Ok(ChunkClient::new(routing, net, deadline))
+    }
+
+    /// The current routing information from the mgmtd leader.
+    pub async fn routing(&self) -> anyhow::Result<RoutingInfo> {
+        self.client
+            .call(|channel| async move {
+                MgmtdClient::new(channel)
+                    .get_routing(GetRoutingRequest { known_version: 0 })
+                    .await
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("get routing: {}", s.message()))
+    }
+
+    /// The process of storage daemon `node`.
+    pub fn storage(&mut self, node: u64) -> anyhow::Result<&mut ChildProcess> {
+        self.storage
+            .get_mut(&node)
+            .ok_or_else(|| anyhow::anyhow!("no storage daemon {node}"))
+    }
+
+    /// The process of mgmtd replica `id`.
+    pub fn mgmtd_process(&mut self, id: u64) -> anyhow::Result<&mut ChildProcess> {
+        self.mgmtd
+            .get_mut(&id)
+            .ok_or_else(|| anyhow::anyhow!("no mgmtd replica {id}"))
+    }
+
+    /// Waits until the running mgmtd replicas agree on a leader other than `not`; returns it.
+    pub async fn wait_for_mgmtd_leader(
+        &self,
+        not: Option<u64>,
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
+        let running: Vec<u64> = self
+            .mgmtd
+            .iter()
+            .filter(|(_, p)| p.is_running())
+            .map(|(id, _)| *id)
+            .collect();
+        wait_for(
+            "an agreed mgmtd leader",
+            timeout,
+            Duration::from_millis(50),
+            || async {
+                self.check_processes()?;
+                let mut leaders = Vec::new();
+                for id in &running {
+                    let status = self.mgmtd_status(*id).await.map_err(NotReady::from)?;
+                    leaders.push(status.leader_id);
+                }
+                let first = leaders.first().copied().unwrap_or(0);
+                if first != 0 && Some(first) != not && leaders.iter().all(|l| *l == first) {
+                    Ok(first)
+                } else {
+                    Err(format!("leaders seen: {leaders:?}").into())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Fails (for good) if a process that should run has exited, with its log tail.
+    fn check_processes(&self) -> Result<(), NotReady> {
+        for process in self.mgmtd.values().chain(self.storage.values()) {
+            process.check_running().map_err(NotReady::Failed)?;
+        }
+        Ok(())
+    }
+
+    async fn mgmtd_status(&self, id: u64) -> Result<ff_raft::proto::StatusReply, String> {
+        let channel = self
+            .client
+            .channel_to(&self.spec.mgmtd_addr(id))
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            RaftClient::new(channel).status(StatusRequest {}),
+        )
+        .await
+        .map_err(|_| format!("mgmtd-{id}: status timed out"))?
+        .map(tonic::Response::into_inner)
+        .map_err(|s| format!("mgmtd-{id}: {}", s.message()))
+    }
+
+    async fn wait_registered(&self, timeout: Duration) -> anyhow::Result<()> {
+        let expected = self.spec.storage_nodes * self.spec.targets_per_node;
+        wait_for(
+            "every storage target registered",
+            timeout,
+            Duration::from_millis(100),
+            || async {
+                self.check_processes()?;
+                let routing = self
+                    .routing()
+                    .await
+                    .map_err(|e| NotReady::Pending(e.to_string()))?;
+                let registered = routing.targets.len() as u64;
+                if registered >= expected {
+                    Ok(())
+                } else {
+                    Err(format!("{registered} of {expected} targets registered").into())
+                }
+            },
+        )
+        .await
+    }
+
+    /// The public state of `target` in its chain (None if it is in no chain).
+    pub async fn target_state(&self, target: u64) -> anyhow::Result<Option<PublicState>> {
+        Ok(state_in(&self.routing().await?, target))
+    }
+
+    /// Waits until `target` has public state `state`.
+    pub async fn wait_target_state(
+        &self,
+        target: u64,
+        state: PublicState,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        wait_for(
+            &format!("target {target} {}", state.as_str_name()),
+            timeout,
+            Duration::from_millis(50),
+            || async {
+                self.check_processes()?;
+                let routing = self
+                    .routing()
+                    .await
+                    .map_err(|e| NotReady::Pending(e.to_string()))?;
+                match state_in(&routing, target) {
+                    Some(now) if now == state => Ok(()),
+                    now => Err(format!("target {target} is {now:?}").into()),
+                }
+            },
+        )
+        .await
+    }
+
+    /// Waits until every chain's targets are all serving.
+    pub async fn wait_all_serving(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_for(
+            "every chain fully serving",
+            timeout,
+            Duration::from_millis(100),
+            || async {
+                self.check_processes()?;
+                let routing = self
+                    .routing()
+                    .await
+                    .map_err(|e| NotReady::Pending(e.to_string()))?;
+                let lagging: Vec<String> = routing
+                    .chains
+                    .iter()
+                    .flat_map(|c| c.targets.iter())
+                    .filter(|t| t.state() != PublicState::Serving)
+                    .map(|t| format!("{} {}", t.target_id, t.state().as_str_name()))
+                    .collect();
+                if routing.chains.is_empty() {
+                    Err("no chains yet".to_string().into())
+                } else if lagging.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("not serving: {}", lagging.join(", ")).into())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Stops every process gracefully (storage first, so mgmtd does not see them die).
+    pub async fn stop_all(&mut self) {
+        for process in self.storage.values_mut().chain(self.mgmtd.values_mut()) {
+            if let Err(error) = process.stop(Duration::from_secs(10)).await {
+                tracing::warn!(name = process.name(), %error, "stopping failed");
+            }
+        }
+    }
+}
+
+/// The public state of `target` in whichever chain holds it.
+pub fn state_in(routing: &RoutingInfo, target: u64) -> Option<PublicState> {
+    routing
+        .chains
+        .iter()
+        .flat_map(|c| c.targets.iter())
+        .find(|t| t.target_id == target)
+        .map(|t| t.state())
+}

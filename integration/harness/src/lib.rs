@@ -1,0 +1,57 @@
+//! ff-harness: real processes on one machine, for tests, demos and benchmarks.
+//!
+//! - [`process`]: one supervised child process (start, SIGTERM with grace, SIGKILL, log file).
+//! - [`ports`]: finding free loopback ports, refusing ports already in use.
+//! - [`fs3`]: a local fs3 cluster (mgmtd replicas and storage daemons as processes).
+//!
+//! Errors here are reported to the person running a test or demo, so they are `anyhow`
+//! errors carrying context rather than typed errors for a caller to match on.
+
+pub mod fs3;
+pub mod ports;
+pub mod process;
+
+pub use ports::{ensure_free, free_port_block};
+pub use process::ChildProcess;
+
+/// Why a readiness probe did not succeed yet.
+#[derive(Debug)]
+pub enum NotReady {
+    /// Not yet; worth asking again.
+    Pending(String),
+    /// Never will be (a process died): stop waiting.
+    Failed(String),
+}
+
+impl From<String> for NotReady {
+    fn from(reason: String) -> Self {
+        NotReady::Pending(reason)
+    }
+}
+
+/// Polls `probe` every `interval` until it yields a value, fails for good, or `timeout`
+/// passes; the error then names `what` and the last reason `probe` gave.
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    interval: std::time::Duration,
+    mut probe: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, NotReady>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(value) => return Ok(value),
+            Err(NotReady::Failed(reason)) => anyhow::bail!("{what}: {reason}"),
+            Err(NotReady::Pending(reason)) => {
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!("{what}: not reached within {timeout:?}; last: {reason}");
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

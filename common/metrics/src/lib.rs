@@ -132,19 +132,31 @@ pub fn render_text(registry: &Registry) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// Fetches `path` from an HTTP endpoint such as a daemon's `/metrics` (status line, headers
+/// and body), with a five-second timeout on connecting and on reading: what demos, benchmarks
+/// and tests use to scrape daemons without a full HTTP client.
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = std::time::Duration::from_secs(5);
+    let timed_out = |what| std::io::Error::new(std::io::ErrorKind::TimedOut, what);
+    let mut stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| timed_out("connect timed out"))??;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(timeout, stream.read_to_string(&mut response))
+        .await
+        .map_err(|_| timed_out("read timed out"))??;
+    Ok(response)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    async fn http_get(addr: SocketAddr, path: &str) -> String {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        response
-    }
 
     #[tokio::test]
     async fn serves_the_registry_it_was_given() {
@@ -156,12 +168,15 @@ mod tests {
         let server = MetricsServer::start("127.0.0.1:0", registry.clone())
             .await
             .unwrap();
-        let body = http_get(server.local_addr(), "/metrics").await;
+        let body = http_get(&server.local_addr().to_string(), "/metrics")
+            .await
+            .unwrap();
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         assert!(body.contains("test_things_total 3"), "{body}");
         assert!(
-            http_get(server.local_addr(), "/healthz")
+            http_get(&server.local_addr().to_string(), "/healthz")
                 .await
+                .unwrap()
                 .contains("ok")
         );
         assert!(render_text(&registry).contains("test_things_total 3"));

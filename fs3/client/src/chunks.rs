@@ -239,29 +239,11 @@ impl ChunkClient {
                 let Some(addr) = routing.target_addr(target) else {
                     continue;
                 };
-                let header = ReadRequest {
-                    chain_id,
-                    chain_version: chain.version,
-                    target_id: target,
-                    chunk: Some(chunk),
-                    offset,
-                    length,
-                };
-                let call = Call {
-                    method: method::READ,
-                    header: header.encode_to_vec().into(),
-                    payload: Bytes::new(),
-                };
-                match self.net.call(addr, call).await {
-                    Ok(reply) => {
-                        let meta = ReadReply::decode(&reply.header[..])
-                            .map_err(|e| ClientError::Protocol(format!("read reply: {e}")))?;
-                        return Ok(ChunkData {
-                            version: meta.version,
-                            chunk_length: meta.chunk_length,
-                            data: reply.payload.into_vec(),
-                        });
-                    }
+                match self
+                    .read_once(addr, chain_id, chain.version, target, chunk, offset, length)
+                    .await
+                {
+                    Ok(data) => return Ok(data),
                     Err(error) => {
                         let (next, text) = classify(error);
                         if let Next::Fail(error) = next {
@@ -278,6 +260,70 @@ impl ChunkClient {
             Self::backoff(attempt).await;
             attempt += 1;
         }
+    }
+
+    /// Reads from replica `target` only, without retrying elsewhere: for checking one copy
+    /// (scrubbing, tests). A bad checksum there is [`ClientError::Corrupt`].
+    pub async fn read_replica(
+        &self,
+        chain_id: u64,
+        target: u64,
+        chunk: ChunkId,
+        offset: u32,
+        length: u32,
+    ) -> Result<ChunkData, ClientError> {
+        let routing = self.routing.refresh().await?;
+        let chain = routing
+            .chain(chain_id)
+            .ok_or_else(|| ClientError::BadRequest(format!("chain {chain_id} does not exist")))?;
+        let addr = routing
+            .target_addr(target)
+            .ok_or_else(|| ClientError::BadRequest(format!("target {target} is unknown")))?;
+        self.read_once(addr, chain_id, chain.version, target, chunk, offset, length)
+            .await
+            .map_err(|error| match error {
+                NetError::Remote { code, message } => match code {
+                    fault::CORRUPT => ClientError::Corrupt(message),
+                    fault::NOT_FOUND => ClientError::NotFound(message),
+                    fault::BAD_REQUEST => ClientError::BadRequest(message),
+                    _ => ClientError::Storage(message),
+                },
+                other => ClientError::Unavailable(other.to_string()),
+            })
+    }
+
+    #[allow(clippy::too_many_arguments)] // one read request's fields
+    async fn read_once(
+        &self,
+        addr: &str,
+        chain_id: u64,
+        chain_version: u64,
+        target: u64,
+        chunk: ChunkId,
+        offset: u32,
+        length: u32,
+    ) -> Result<ChunkData, NetError> {
+        let header = ReadRequest {
+            chain_id,
+            chain_version,
+            target_id: target,
+            chunk: Some(chunk),
+            offset,
+            length,
+        };
+        let call = Call {
+            method: method::READ,
+            header: header.encode_to_vec().into(),
+            payload: Bytes::new(),
+        };
+        let reply = self.net.call(addr, call).await?;
+        let meta = ReadReply::decode(&reply.header[..])
+            .map_err(|e| NetError::Protocol(format!("read reply: {e}")))?;
+        Ok(ChunkData {
+            version: meta.version,
+            chunk_length: meta.chunk_length,
+            data: reply.payload.into_vec(),
+        })
     }
 
     /// The chunks stored on `target` (for comparing replicas).

@@ -27,6 +27,9 @@ pub enum ClientError {
     /// mgmtd could not be reached.
     #[error("mgmtd: {0}")]
     Mgmtd(String),
+    /// The replica read holds a damaged copy (its checksum does not match).
+    #[error("corrupt replica: {0}")]
+    Corrupt(String),
     /// A storage service failed.
     #[error("storage: {0}")]
     Storage(String),

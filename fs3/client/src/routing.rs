@@ -20,6 +20,7 @@ pub struct Routing {
     chains: HashMap<u64, usize>,
     targets: HashMap<u64, usize>,
     nodes: HashMap<u64, usize>,
+    from_mgmtd: bool,
 }
 
 impl Routing {
@@ -48,7 +49,14 @@ impl Routing {
             chains,
             targets,
             nodes,
+            from_mgmtd: true,
         }
+    }
+
+    /// Whether this came from mgmtd (an empty cache's routing did not; an empty cluster's
+    /// routing, version 0, did).
+    pub fn from_mgmtd(&self) -> bool {
+        self.from_mgmtd
     }
 
     /// The routing version.

@@ -194,6 +194,18 @@ async fn heartbeats(storage: Arc<Storage>, addr: String, hostname: String, inter
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        // Until routing is known, a target's phase (and so what it reports) is a guess: a
+        // starting target reports itself offline, and mgmtd would take it out of a chain it
+        // was just put in. Learn the routing first.
+        if !storage.routing.current().from_mgmtd() {
+            match storage.routing.refresh().await {
+                Ok(routing) => update_phases(&storage, &routing),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot fetch routing from mgmtd");
+                    continue;
+                }
+            }
+        }
         let request = HeartbeatRequest {
             node_id: storage.node_id,
             kind: NodeKind::Storage as i32,
@@ -224,7 +236,7 @@ async fn heartbeats(storage: Arc<Storage>, addr: String, hostname: String, inter
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 let known = storage.routing.current().version();
-                if reply.routing_version != known || known == 0 {
+                if reply.routing_version != known {
                     match storage.routing.refresh_after(known).await {
                         Ok(routing) => update_phases(&storage, &routing),
                         Err(error) => tracing::warn!(%error, "cannot refresh routing"),

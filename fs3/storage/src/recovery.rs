@@ -22,7 +22,7 @@ use fs3_proto::storage::{
 };
 use prost::Message as _;
 
-use crate::engine::ChunkId;
+use crate::engine::{ChunkId, EngineError};
 use crate::service::{Phase, Storage, Target};
 
 /// Moves local targets through the restart protocol as mgmtd's view of them changes.
@@ -324,7 +324,8 @@ async fn send_recovery_write(
 pub fn spawn_repair(storage: Arc<Storage>, target: Arc<Target>, chain_id: u64, id: ChunkId) {
     tokio::spawn(async move {
         match repair(&storage, &target, chain_id, id).await {
-            Ok(peer) => {
+            Ok(None) => {}
+            Ok(Some(peer)) => {
                 storage
                     .metrics
                     .recovery
@@ -337,12 +338,28 @@ pub fn spawn_repair(storage: Arc<Storage>, target: Arc<Target>, chain_id: u64, i
     });
 }
 
+/// Repairs `id` on `target` from a peer, unless the local copy is whole by now (another repair
+/// or a write got there first). Returns the peer repaired from. Holds the chunk's lock
+/// throughout, so no write to the chunk passes this replica meanwhile and the peers' committed
+/// version is the one the local copy should have.
 async fn repair(
     storage: &Storage,
     target: &Target,
     chain_id: u64,
     id: ChunkId,
-) -> Result<u64, String> {
+) -> Result<Option<u64>, String> {
+    let _lock = storage.locks.lock((target.id, id)).await;
+    let expected = match target.engine.read_committed(id).await {
+        Ok(_) => return Ok(None),
+        Err(EngineError::Corrupt { .. }) => target
+            .engine
+            .meta(id)
+            .map_err(|e| e.to_string())?
+            .and_then(|m| m.committed)
+            .map(|c| c.version)
+            .ok_or_else(|| "the chunk has no committed version any more".to_string())?,
+        Err(error) => return Err(error.to_string()),
+    };
     let routing = storage.routing.current();
     let chain = routing
         .chain(chain_id)
@@ -379,13 +396,19 @@ async fn repair(
             Ok(reply) => {
                 let meta =
                     ReadReply::decode(&reply.header[..]).map_err(|e| format!("read reply: {e}"))?;
-                let _lock = storage.locks.lock((target.id, id)).await;
+                if meta.version != expected {
+                    last = format!(
+                        "target {peer} holds version {}, not {expected}",
+                        meta.version
+                    );
+                    continue;
+                }
                 target
                     .engine
                     .install(id, meta.version, 0, reply.payload.to_vec())
                     .await
                     .map_err(|e| e.to_string())?;
-                return Ok(peer);
+                return Ok(Some(peer));
             }
             Err(error) => last = format!("target {peer}: {error}"),
         }

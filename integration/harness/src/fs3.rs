@@ -20,7 +20,9 @@ use ff_rpc::{ClientOptions, LeaderClient};
 use fs3_client::{ChunkClient, RoutingCache};
 use fs3_mgmtd::MgmtdConfig;
 use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
-use fs3_proto::mgmtd::{BootstrapRequest, GetRoutingRequest, PublicState, RoutingInfo};
+use fs3_proto::mgmtd::{
+    BootstrapRequest, GetRoutingRequest, ListNodesRequest, LocalState, PublicState, RoutingInfo,
+};
 use fs3_storage::engine::EngineConfig;
 use fs3_storage::{StorageConfig, TargetConfig};
 
@@ -387,6 +389,36 @@ impl Fs3Cluster {
         .await
     }
 
+    /// Waits until every running mgmtd replica has applied everything the leader committed.
+    pub async fn wait_mgmtd_converged(&self, timeout: Duration) -> anyhow::Result<u64> {
+        wait_for(
+            "mgmtd replicas converged",
+            timeout,
+            Duration::from_millis(50),
+            || async {
+                self.check_processes()?;
+                let mut statuses = Vec::new();
+                for (id, process) in &self.mgmtd {
+                    if process.is_running() {
+                        statuses.push(self.mgmtd_status(*id).await.map_err(NotReady::from)?);
+                    }
+                }
+                let commit = statuses
+                    .iter()
+                    .find(|s| s.role == "leader")
+                    .map(|s| s.commit_index)
+                    .ok_or_else(|| NotReady::from("no leader".to_string()))?;
+                if statuses.iter().all(|s| s.applied_index >= commit) {
+                    Ok(commit)
+                } else {
+                    let applied: Vec<u64> = statuses.iter().map(|s| s.applied_index).collect();
+                    Err(format!("commit {commit}, applied {applied:?}").into())
+                }
+            },
+        )
+        .await
+    }
+
     /// Fails (for good) if a process that should run has exited, with its log tail.
     fn check_processes(&self) -> Result<(), NotReady> {
         for process in self.mgmtd.values().chain(self.storage.values()) {
@@ -464,7 +496,8 @@ impl Fs3Cluster {
         .await
     }
 
-    /// Waits until every chain's targets are all serving.
+    /// Waits until every chain's targets are all serving and every target reports itself up
+    /// to date (so mgmtd has no reason to change a chain right after).
     pub async fn wait_all_serving(&self, timeout: Duration) -> anyhow::Result<()> {
         wait_for(
             "every chain fully serving",
@@ -476,12 +509,36 @@ impl Fs3Cluster {
                     .routing()
                     .await
                     .map_err(|e| NotReady::Pending(e.to_string()))?;
+                let nodes = self
+                    .client
+                    .call(|channel| async move {
+                        MgmtdClient::new(channel)
+                            .list_nodes(ListNodesRequest {})
+                            .await
+                    })
+                    .await
+                    .map_err(|s| NotReady::Pending(format!("list nodes: {}", s.message())))?;
+                let local: BTreeMap<u64, LocalState> = nodes
+                    .targets
+                    .iter()
+                    .map(|t| (t.target_id, t.local_state()))
+                    .collect();
                 let lagging: Vec<String> = routing
                     .chains
                     .iter()
                     .flat_map(|c| c.targets.iter())
-                    .filter(|t| t.state() != PublicState::Serving)
-                    .map(|t| format!("{} {}", t.target_id, t.state().as_str_name()))
+                    .filter(|t| {
+                        t.state() != PublicState::Serving
+                            || local.get(&t.target_id) != Some(&LocalState::UpToDate)
+                    })
+                    .map(|t| {
+                        format!(
+                            "{} {}/{:?}",
+                            t.target_id,
+                            t.state().as_str_name(),
+                            local.get(&t.target_id)
+                        )
+                    })
                     .collect();
                 if routing.chains.is_empty() {
                     Err("no chains yet".to_string().into())

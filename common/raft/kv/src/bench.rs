@@ -142,7 +142,7 @@ struct FsyncStats {
 
 impl FsyncStats {
     async fn read(addr: &str) -> anyhow::Result<Self> {
-        let body = crate::demo::http_get(addr, "/metrics").await?;
+        let body = ff_metrics::http_get(addr, "/metrics").await?;
         let value = |name: &str| -> f64 {
             body.lines()
                 .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())

@@ -125,7 +125,9 @@ pub async fn run(cluster: &mut ProcessCluster, keys: usize) -> anyhow::Result<()
 
     if let Some(metrics) = cluster.metrics_addr(new_leader).filter(|a| !a.is_empty()) {
         println!("leader metrics (http://{metrics}/metrics):");
-        let body = http_get(metrics, "/metrics").await.unwrap_or_default();
+        let body = ff_metrics::http_get(metrics, "/metrics")
+            .await
+            .unwrap_or_default();
         for line in body.lines().filter(|l| {
             l.starts_with("raft_term ")
                 || l.starts_with("raft_commit_index ")
@@ -146,25 +148,4 @@ fn cluster_options() -> ff_rpc::ClientOptions {
         connect_timeout: Duration::from_millis(500),
         ..ff_rpc::ClientOptions::default()
     }
-}
-
-/// A minimal HTTP GET, enough for reading `/metrics`.
-pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out"))??;
-    Ok(response)
 }

@@ -143,7 +143,7 @@ async fn acknowledged_writes_survive_leader_kills() {
     // Every node exposes its raft state on /metrics.
     for id in 1..=3 {
         let addr = cluster.metrics_addr(id).unwrap().to_string();
-        let body = ff_raft_kv::demo::http_get(&addr, "/metrics").await.unwrap();
+        let body = ff_metrics::http_get(&addr, "/metrics").await.unwrap();
         for series in [
             "raft_term ",
             "raft_commit_index ",

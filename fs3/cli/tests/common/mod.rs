@@ -116,7 +116,9 @@ pub async fn replica_views(
     views
 }
 
-/// Asserts that every chunk is held identically by all `replication` replicas of its chain.
+/// Asserts that every chunk is held identically by all `replication` replicas of its chain:
+/// the same version, length and checksum in every target's metadata, and the same bytes read
+/// from each replica (which verifies them against their block checksums).
 pub async fn assert_replicas_identical(
     client: &ChunkClient,
     cluster: &Fs3Cluster,
@@ -124,16 +126,38 @@ pub async fn assert_replicas_identical(
 ) {
     let views = replica_views(client, cluster).await;
     assert!(!views.is_empty(), "no chunks at all");
-    for (chunk, replicas) in &views {
+    for ((chain, (inode, index)), replicas) in &views {
         assert_eq!(
             replicas.len(),
             replication,
-            "chunk {chunk:?} replicas: {replicas:?}"
+            "chunk {inode}:{index} replicas: {replicas:?}"
         );
         let first = replicas.values().next().unwrap();
         assert!(
             replicas.values().all(|r| r == first),
-            "chunk {chunk:?} differs between replicas: {replicas:?}"
+            "chunk {inode}:{index} differs between replicas: {replicas:?}"
+        );
+        let mut contents = Vec::new();
+        for target in replicas.keys() {
+            let read = client
+                .read_replica(
+                    *chain,
+                    *target,
+                    ChunkId {
+                        inode: *inode,
+                        index: *index,
+                    },
+                    0,
+                    u32::MAX,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("chunk {inode}:{index} on target {target}: {e}"));
+            assert_eq!(read.version, first.0);
+            contents.push(read.data);
+        }
+        assert!(
+            contents.iter().all(|c| *c == contents[0]),
+            "chunk {inode}:{index}: replicas hold different bytes"
         );
     }
 }

@@ -3,6 +3,7 @@
 //! - [`process`]: one supervised child process (start, SIGTERM with grace, SIGKILL, log file).
 //! - [`ports`]: finding free loopback ports, refusing ports already in use.
 //! - [`fs3`]: a local fs3 cluster (mgmtd replicas and storage daemons as processes).
+//! - [`tmpfs`]: a small tmpfs, for disks that fill up on purpose.
 //!
 //! Errors here are reported to the person running a test or demo, so they are `anyhow`
 //! errors carrying context rather than typed errors for a caller to match on.
@@ -10,9 +11,11 @@
 pub mod fs3;
 pub mod ports;
 pub mod process;
+pub mod tmpfs;
 
 pub use ports::{ensure_free, free_port_block};
 pub use process::ChildProcess;
+pub use tmpfs::Tmpfs;
 
 /// Why a readiness probe did not succeed yet.
 #[derive(Debug)]

@@ -17,24 +17,27 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// in a fresh temporary directory.
 pub async fn cluster(mgmtd: u64, storage: u64) -> (tempfile::TempDir, Fs3Cluster) {
     let dir = tempfile::tempdir().unwrap();
-    let probe = Fs3ClusterSpec::new("", dir.path(), mgmtd, storage, 3, 0);
-    let port = ff_harness::free_port_block(probe.port_count()).unwrap();
-    let spec = Fs3ClusterSpec::new(
-        env!("CARGO_BIN_EXE_fs3"),
-        dir.path(),
-        mgmtd,
-        storage,
-        3,
-        port,
-    );
-    let cluster = match Fs3Cluster::start(spec, START_TIMEOUT).await {
+    let cluster = start(spec(dir.path(), mgmtd, storage)).await;
+    (dir, cluster)
+}
+
+/// The spec [`cluster`] starts, on free ports, for tests that change it first.
+pub fn spec(dir: &std::path::Path, mgmtd: u64, storage: u64) -> Fs3ClusterSpec {
+    let mut spec = Fs3ClusterSpec::new(env!("CARGO_BIN_EXE_fs3"), dir, mgmtd, storage, 3, 0);
+    spec.base_port = ff_harness::free_port_block(spec.port_count()).unwrap();
+    spec
+}
+
+/// Starts `spec`, printing the daemon logs if it does not come up.
+pub async fn start(spec: Fs3ClusterSpec) -> Fs3Cluster {
+    let dir = spec.dir.clone();
+    match Fs3Cluster::start(spec, START_TIMEOUT).await {
         Ok(cluster) => cluster,
         Err(error) => {
-            dump_logs(dir.path());
+            dump_logs(&dir);
             panic!("cluster did not start: {error:#}");
         }
-    };
-    (dir, cluster)
+    }
 }
 
 /// Prints every daemon log in `dir` (for failing tests).

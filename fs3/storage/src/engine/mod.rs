@@ -369,12 +369,23 @@ impl ChunkEngine {
     }
 
     /// Reads `[offset, offset + len)` of the committed version, verifying every block read.
+    /// The range is clipped to the chunk's length (a read past the end is short or empty); an
+    /// offset no chunk can reach is [`EngineError::OutOfRange`].
     pub async fn read(
         &self,
         id: ChunkId,
         offset: u32,
         len: u32,
     ) -> Result<ReadOutcome, EngineError> {
+        if u64::from(offset) > self.max_chunk_size {
+            return Err(EngineError::OutOfRange {
+                chunk: id,
+                message: format!(
+                    "offset {offset} is beyond the target's largest chunk ({} bytes)",
+                    self.max_chunk_size
+                ),
+            });
+        }
         // A slot freed by a concurrent commit may be reused while we read it; the checksum
         // catches that, and a second look at the metadata finds the new location.
         let mut retried = false;

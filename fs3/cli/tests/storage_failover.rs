@@ -68,6 +68,18 @@ async fn writer(client: Arc<ChunkClient>, chain: u64, stream: Arc<Stream>, lane:
     }
 }
 
+async fn metric_text(cluster: &ff_harness::fs3::Fs3Cluster, daemon: &str) -> String {
+    let addr = cluster.metrics_endpoints()[daemon].clone();
+    ff_metrics::http_get(&addr, "/metrics").await.unwrap()
+}
+
+/// The value of the series named exactly `series` (name and labels).
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series}"))
+}
+
 /// Waits until `count` acknowledged writes more than now have happened.
 async fn wait_progress(stream: &Stream, more: u64, timeout: Duration) {
     let start = stream.count.load(Ordering::Relaxed);
@@ -143,6 +155,22 @@ async fn kill_storage_mid_stream_then_resync() {
         .filter(|t| t.state() == PublicState::Serving)
         .count();
     assert_eq!(serving, 2, "{:?}", routing.chains[0]);
+    // Operators see it: mgmtd's metrics count the offline target and the chain change.
+    let mgmtd_metrics = metric_text(&cluster, "mgmtd-1").await;
+    for series in [
+        "fs3_mgmtd_targets{state=\"offline\"} 1",
+        "fs3_mgmtd_targets{state=\"serving\"} 2",
+        "raft_is_leader 1",
+    ] {
+        assert!(
+            mgmtd_metrics.contains(series),
+            "no {series}:\n{mgmtd_metrics}"
+        );
+    }
+    assert!(
+        metric_value(&mgmtd_metrics, "fs3_mgmtd_chain_changes_total") >= 1.0,
+        "{mgmtd_metrics}"
+    );
     // Changes the victim misses and nothing rewrites later: only the resync can bring them.
     for index in 0..8 {
         client
@@ -211,6 +239,16 @@ async fn kill_storage_mid_stream_then_resync() {
         stream.failures.load(Ordering::Relaxed)
     );
     assert_replicas_identical(&client, &cluster, 3).await;
+    // The sources of the resync (the last serving replica) counted the chunks they copied.
+    let mut synced = 0.0;
+    for node in 1..=3 {
+        let text = metric_text(&cluster, &format!("storage-{node}")).await;
+        synced += metric_value(&text, "fs3_storage_recovery_chunks_total{kind=\"synced\"}");
+    }
+    assert!(
+        synced >= 16.0,
+        "only {synced} chunks synced; the cold ones need it"
+    );
     cluster.stop_all().await;
     drop(dir);
 }

@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::MgmtdConfig;
 use crate::machine::MgmtdMachine;
+use crate::metrics::MgmtdMetrics;
 use crate::service::MgmtdApi;
 
 /// A running mgmtd replica.
@@ -32,22 +33,31 @@ impl Mgmtd {
     pub async fn start(config: MgmtdConfig) -> Result<Mgmtd, DaemonError> {
         let lease = config.lease.get();
         let mut api_slot = None;
+        let mut metrics_error = None;
         let daemon = Daemon::start(
             &config.listen_addr,
             &config.metrics_addr,
             config.raft.clone(),
             MgmtdMachine,
-            |node, _registry, router| {
-                let api = MgmtdApi::new(node.clone(), lease);
+            |node, registry, router| {
+                let metrics = match MgmtdMetrics::register(registry) {
+                    Ok(metrics) => metrics,
+                    Err(error) => {
+                        metrics_error = Some(error);
+                        return router;
+                    }
+                };
+                let api = MgmtdApi::new(node.clone(), lease, metrics);
                 api_slot = Some(api.clone());
                 router.add_service(MgmtdServer::new(api))
             },
         )
         .await?;
         let api = api_slot.ok_or_else(|| {
-            DaemonError::Raft(ff_raft::RaftError::Stopped(
-                "mgmtd API was not created".to_string(),
-            ))
+            DaemonError::Raft(ff_raft::RaftError::Stopped(format!(
+                "mgmtd API was not created: {}",
+                metrics_error.map_or_else(|| "unknown reason".to_string(), |e| e.to_string())
+            )))
         })?;
         let detector = tokio::spawn(run_detector(api.clone(), config.detector_interval.get()));
         Ok(Mgmtd {

@@ -26,6 +26,7 @@ use crate::chain::{
     Chain as DomainChain, ChainTarget as DomainTarget, LocalState, PublicState, next_chain,
 };
 use crate::machine::MgmtdMachine;
+use crate::metrics::MgmtdMetrics;
 
 /// What the leader knows of services' liveness.
 #[derive(Debug, Default)]
@@ -44,6 +45,7 @@ pub struct MgmtdApi {
     node: RaftNode<MgmtdMachine>,
     live: Arc<Mutex<Liveness>>,
     lease: std::time::Duration,
+    metrics: MgmtdMetrics,
 }
 
 fn to_public(state: i32) -> PublicState {
@@ -90,12 +92,29 @@ fn status(error: RaftError) -> Status {
 
 impl MgmtdApi {
     /// The API over `node`, with service leases of `lease`.
-    pub fn new(node: RaftNode<MgmtdMachine>, lease: std::time::Duration) -> Self {
+    pub fn new(
+        node: RaftNode<MgmtdMachine>,
+        lease: std::time::Duration,
+        metrics: MgmtdMetrics,
+    ) -> Self {
         MgmtdApi {
             node,
             live: Arc::new(Mutex::new(Liveness::default())),
             lease,
+            metrics,
         }
+    }
+
+    /// Runs one API request of `op`, counting it and timing it.
+    async fn timed<T>(
+        &self,
+        op: &str,
+        request: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = request.await;
+        self.metrics.observe(op, started, result.is_ok());
+        result
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, Liveness> {
@@ -155,15 +174,24 @@ impl MgmtdApi {
     pub async fn detect(&self) -> Result<usize, RaftError> {
         let now = Instant::now();
         let leader = self.node.status().role == Role::Leader;
+        let routing = self.routing().await?;
+        self.metrics.set_routing(&routing);
         let since = {
             let mut live = self.live();
             if !leader {
                 *live = Liveness::default();
+                self.metrics.set_services(0, 0);
                 return Ok(0);
             }
+            let alive = live
+                .nodes
+                .values()
+                .filter(|seen| now.duration_since(**seen) <= self.lease)
+                .count();
+            self.metrics
+                .set_services(alive, routing.nodes.len().saturating_sub(alive));
             *live.leader_since.get_or_insert(now)
         };
-        let routing = self.routing().await?;
         let judged = now.duration_since(since) >= self.lease;
         let local = {
             let live = self.live();
@@ -225,6 +253,7 @@ impl MgmtdApi {
         }
         let changed = updates.len();
         if changed > 0 {
+            self.metrics.chain_changes.inc_by(changed as u64);
             let result = self
                 .node
                 .propose(Command {
@@ -245,147 +274,168 @@ impl Mgmtd for MgmtdApi {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
-        if let Some(status) = self.not_leader() {
-            return Err(status);
-        }
-        let beat = request.into_inner();
-        if beat.node_id == 0 {
-            return Err(Status::invalid_argument("node id 0 is invalid"));
-        }
-        {
-            let mut live = self.live();
-            live.nodes.insert(beat.node_id, Instant::now());
-            for target in &beat.targets {
-                if let Some(state) = to_local(target.state) {
-                    live.targets.insert(target.target_id, state);
+        self.timed("heartbeat", async move {
+            if let Some(status) = self.not_leader() {
+                return Err(status);
+            }
+            let beat = request.into_inner();
+            if beat.node_id == 0 {
+                return Err(Status::invalid_argument("node id 0 is invalid"));
+            }
+            {
+                let mut live = self.live();
+                live.nodes.insert(beat.node_id, Instant::now());
+                for target in &beat.targets {
+                    if let Some(state) = to_local(target.state) {
+                        live.targets.insert(target.target_id, state);
+                    }
                 }
             }
-        }
-        // Registration goes through raft only when something is new.
-        let routing = self.routing().await.map_err(status)?;
-        let node = Node {
-            id: beat.node_id,
-            kind: beat.kind,
-            addr: beat.addr.clone(),
-            hostname: beat.hostname.clone(),
-        };
-        let mut version = routing.version;
-        if !routing.nodes.contains(&node) {
-            version = self.propose(command::Op::RegisterNode(node)).await?;
-        }
-        let unknown: Vec<Target> = beat
-            .targets
-            .iter()
-            .filter(|t| {
-                !routing
-                    .targets
-                    .iter()
-                    .any(|known| known.id == t.target_id && known.path == t.path)
-            })
-            .map(|t| Target {
-                id: t.target_id,
-                node_id: beat.node_id,
-                path: t.path.clone(),
-                admin_offline: false,
-            })
-            .collect();
-        if !unknown.is_empty() {
-            version = self
-                .propose(command::Op::RegisterTargets(RegisterTargets {
-                    targets: unknown,
-                }))
-                .await?;
-        }
-        Ok(Response::new(HeartbeatReply {
-            routing_version: version,
-            lease_ms: self.lease.as_millis() as u64,
-        }))
+            // Registration goes through raft only when something is new.
+            let routing = self.routing().await.map_err(status)?;
+            let node = Node {
+                id: beat.node_id,
+                kind: beat.kind,
+                addr: beat.addr.clone(),
+                hostname: beat.hostname.clone(),
+            };
+            let mut version = routing.version;
+            if !routing.nodes.contains(&node) {
+                version = self.propose(command::Op::RegisterNode(node)).await?;
+            }
+            let unknown: Vec<Target> = beat
+                .targets
+                .iter()
+                .filter(|t| {
+                    !routing
+                        .targets
+                        .iter()
+                        .any(|known| known.id == t.target_id && known.path == t.path)
+                })
+                .map(|t| Target {
+                    id: t.target_id,
+                    node_id: beat.node_id,
+                    path: t.path.clone(),
+                    admin_offline: false,
+                })
+                .collect();
+            if !unknown.is_empty() {
+                version = self
+                    .propose(command::Op::RegisterTargets(RegisterTargets {
+                        targets: unknown,
+                    }))
+                    .await?;
+            }
+            Ok(Response::new(HeartbeatReply {
+                routing_version: version,
+                lease_ms: self.lease.as_millis() as u64,
+            }))
+        })
+        .await
     }
 
     async fn get_routing(
         &self,
         request: Request<GetRoutingRequest>,
     ) -> Result<Response<RoutingInfo>, Status> {
-        let known = request.into_inner().known_version;
-        let routing = self
-            .node
-            .read_with(
-                Query {
-                    known_version: known,
-                },
-                Consistency::Local,
-            )
-            .await
-            .map_err(status)?;
-        Ok(Response::new(routing))
+        self.timed("get_routing", async move {
+            let known = request.into_inner().known_version;
+            let routing = self
+                .node
+                .read_with(
+                    Query {
+                        known_version: known,
+                    },
+                    Consistency::Local,
+                )
+                .await
+                .map_err(status)?;
+            Ok(Response::new(routing))
+        })
+        .await
     }
 
     async fn create_chains(
         &self,
         request: Request<CreateChainsRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        self.propose(command::Op::CreateChains(request.into_inner()))
-            .await?;
-        self.admin_reply().await
+        self.timed("create_chains", async move {
+            self.propose(command::Op::CreateChains(request.into_inner()))
+                .await?;
+            self.admin_reply().await
+        })
+        .await
     }
 
     async fn create_chain_table(
         &self,
         request: Request<CreateChainTableRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        self.propose(command::Op::CreateChainTable(request.into_inner()))
-            .await?;
-        self.admin_reply().await
+        self.timed("create_chain_table", async move {
+            self.propose(command::Op::CreateChainTable(request.into_inner()))
+                .await?;
+            self.admin_reply().await
+        })
+        .await
     }
 
     async fn bootstrap(
         &self,
         request: Request<BootstrapRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        self.propose(command::Op::Bootstrap(request.into_inner()))
-            .await?;
-        self.admin_reply().await
+        self.timed("bootstrap", async move {
+            self.propose(command::Op::Bootstrap(request.into_inner()))
+                .await?;
+            self.admin_reply().await
+        })
+        .await
     }
 
     async fn set_target_offline(
         &self,
         request: Request<SetTargetOfflineRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        self.propose(command::Op::SetTargetOffline(request.into_inner()))
-            .await?;
-        self.admin_reply().await
+        self.timed("set_target_offline", async move {
+            self.propose(command::Op::SetTargetOffline(request.into_inner()))
+                .await?;
+            self.admin_reply().await
+        })
+        .await
     }
 
     async fn list_nodes(
         &self,
         _request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesReply>, Status> {
-        if let Some(status) = self.not_leader() {
-            return Err(status);
-        }
-        let routing = self.routing().await.map_err(status)?;
-        let now = Instant::now();
-        let live = self.live();
-        let nodes = routing
-            .nodes
-            .iter()
-            .map(|node| {
-                let seen = live.nodes.get(&node.id).map(|t| now.duration_since(*t));
-                NodeStatus {
-                    node: Some(node.clone()),
-                    last_heartbeat_ms_ago: seen.map(|d| d.as_millis() as u64),
-                    alive: seen.is_some_and(|d| d <= self.lease),
-                }
-            })
-            .collect();
-        let targets = live
-            .targets
-            .iter()
-            .map(|(id, state)| TargetStatus {
-                target_id: *id,
-                local_state: to_wire_local(*state),
-            })
-            .collect();
-        Ok(Response::new(ListNodesReply { nodes, targets }))
+        self.timed("list_nodes", async move {
+            if let Some(status) = self.not_leader() {
+                return Err(status);
+            }
+            let routing = self.routing().await.map_err(status)?;
+            let now = Instant::now();
+            let live = self.live();
+            let nodes = routing
+                .nodes
+                .iter()
+                .map(|node| {
+                    let seen = live.nodes.get(&node.id).map(|t| now.duration_since(*t));
+                    NodeStatus {
+                        node: Some(node.clone()),
+                        last_heartbeat_ms_ago: seen.map(|d| d.as_millis() as u64),
+                        alive: seen.is_some_and(|d| d <= self.lease),
+                    }
+                })
+                .collect();
+            let targets = live
+                .targets
+                .iter()
+                .map(|(id, state)| TargetStatus {
+                    target_id: *id,
+                    local_state: to_wire_local(*state),
+                })
+                .collect();
+            Ok(Response::new(ListNodesReply { nodes, targets }))
+        })
+        .await
     }
 }

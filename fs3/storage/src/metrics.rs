@@ -1,6 +1,8 @@
 //! Prometheus series of a storage daemon.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// The metrics of one storage daemon.
 #[derive(Clone, Debug)]
@@ -15,6 +17,8 @@ pub struct StorageMetrics {
     pub targets: IntGaugeVec,
     /// Chunks copied to a recovering successor, and repaired from a replica.
     pub recovery: IntCounterVec,
+    /// The routing version this daemon routes with.
+    pub routing_version: IntGauge,
 }
 
 impl StorageMetrics {
@@ -53,6 +57,10 @@ impl StorageMetrics {
             ),
             &["kind"],
         )?;
+        let routing_version = IntGauge::new(
+            "fs3_storage_routing_version",
+            "Routing version this daemon routes with",
+        )?;
         for op in ["write", "read", "dump_meta", "sync_done"] {
             for outcome in ["ok", "error"] {
                 requests.with_label_values(&[op, outcome]);
@@ -73,12 +81,14 @@ impl StorageMetrics {
         registry.register(Box::new(seconds.clone()))?;
         registry.register(Box::new(targets.clone()))?;
         registry.register(Box::new(recovery.clone()))?;
+        registry.register(Box::new(routing_version.clone()))?;
         Ok(StorageMetrics {
             requests,
             bytes,
             seconds,
             targets,
             recovery,
+            routing_version,
         })
     }
 }

@@ -27,6 +27,10 @@ use crate::service::{Phase, Storage, Target};
 
 /// Moves local targets through the restart protocol as mgmtd's view of them changes.
 pub fn update_phases(storage: &Storage, routing: &Routing) {
+    storage
+        .metrics
+        .routing_version
+        .set(i64::try_from(routing.version()).unwrap_or(i64::MAX));
     for target in storage.targets.values() {
         let public = routing.chain_of(target.id).map(|(_, state)| state);
         let next = match (target.phase(), public) {

@@ -1,0 +1,146 @@
+//! Prometheus series of an mgmtd replica (besides ff-raft's own): its API's requests and
+//! latency, and the cluster as this replica has applied it — routing version, each chain's
+//! version, targets by public state, and (on the leader) services by liveness.
+
+use std::time::Instant;
+
+use fs3_proto::mgmtd::{PublicState, RoutingInfo};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// The API operations, for pre-registered series.
+const OPS: [&str; 7] = [
+    "heartbeat",
+    "get_routing",
+    "create_chains",
+    "create_chain_table",
+    "bootstrap",
+    "set_target_offline",
+    "list_nodes",
+];
+
+/// The metrics of one mgmtd replica.
+#[derive(Clone, Debug)]
+pub struct MgmtdMetrics {
+    requests: IntCounterVec,
+    seconds: HistogramVec,
+    routing_version: IntGauge,
+    chain_version: IntGaugeVec,
+    targets: IntGaugeVec,
+    services: IntGaugeVec,
+    /// Chains changed by the failure detector.
+    pub chain_changes: IntCounter,
+}
+
+impl MgmtdMetrics {
+    /// Registers the series in `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "fs3_mgmtd_requests_total",
+                "mgmtd API requests, by operation and outcome",
+            ),
+            &["op", "outcome"],
+        )?;
+        let seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "fs3_mgmtd_request_seconds",
+                "Time to serve an mgmtd API request, by operation",
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18)?),
+            &["op"],
+        )?;
+        let routing_version = IntGauge::new(
+            "fs3_mgmtd_routing_version",
+            "Routing version this replica has applied",
+        )?;
+        let chain_version = IntGaugeVec::new(
+            Opts::new("fs3_mgmtd_chain_version", "Version of each chain"),
+            &["chain"],
+        )?;
+        let targets = IntGaugeVec::new(
+            Opts::new("fs3_mgmtd_targets", "Targets in chains, by public state"),
+            &["state"],
+        )?;
+        let services = IntGaugeVec::new(
+            Opts::new(
+                "fs3_mgmtd_services",
+                "Registered services by liveness (the leader's view; zero elsewhere)",
+            ),
+            &["liveness"],
+        )?;
+        let chain_changes = IntCounter::new(
+            "fs3_mgmtd_chain_changes_total",
+            "Chains changed by the failure detector",
+        )?;
+        for op in OPS {
+            for outcome in ["ok", "error"] {
+                requests.with_label_values(&[op, outcome]);
+            }
+            seconds.with_label_values(&[op]);
+        }
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(seconds.clone()))?;
+        registry.register(Box::new(routing_version.clone()))?;
+        registry.register(Box::new(chain_version.clone()))?;
+        registry.register(Box::new(targets.clone()))?;
+        registry.register(Box::new(services.clone()))?;
+        registry.register(Box::new(chain_changes.clone()))?;
+        Ok(MgmtdMetrics {
+            requests,
+            seconds,
+            routing_version,
+            chain_version,
+            targets,
+            services,
+            chain_changes,
+        })
+    }
+
+    /// Counts one request of `op` that started at `started`.
+    pub fn observe(&self, op: &str, started: Instant, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.requests.with_label_values(&[op, outcome]).inc();
+        self.seconds
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sets the cluster gauges from `routing`.
+    pub fn set_routing(&self, routing: &RoutingInfo) {
+        self.routing_version
+            .set(i64::try_from(routing.version).unwrap_or(i64::MAX));
+        self.chain_version.reset();
+        for chain in &routing.chains {
+            self.chain_version
+                .with_label_values(&[&chain.id.to_string()])
+                .set(i64::try_from(chain.version).unwrap_or(i64::MAX));
+        }
+        for state in [
+            PublicState::Serving,
+            PublicState::Syncing,
+            PublicState::Waiting,
+            PublicState::Lastsrv,
+            PublicState::Offline,
+        ] {
+            let count = routing
+                .chains
+                .iter()
+                .flat_map(|c| c.targets.iter())
+                .filter(|t| t.state() == state)
+                .count();
+            self.targets
+                .with_label_values(&[&state.as_str_name().to_ascii_lowercase()])
+                .set(count as i64);
+        }
+    }
+
+    /// Sets the liveness gauges (`alive` and `dead` services).
+    pub fn set_services(&self, alive: usize, dead: usize) {
+        self.services
+            .with_label_values(&["alive"])
+            .set(alive as i64);
+        self.services.with_label_values(&["dead"]).set(dead as i64);
+    }
+}

@@ -1,6 +1,7 @@
 //! `fs3`: the one binary of the fs3 file system — its daemons and its operator commands.
 
 mod admin;
+mod bench;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,11 @@ enum Cmd {
         #[arg(long, hide = true)]
         exit_with_parent: bool,
     },
+    /// Measure fs3 next to the hardware it runs on.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCmd,
+    },
     /// Inspect and change the cluster through mgmtd.
     Admin {
         /// mgmtd replicas (host:port, comma separated).
@@ -63,6 +69,42 @@ enum Cmd {
         #[command(subcommand)]
         command: admin::AdminCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Raw O_DIRECT disk rates, then a local cluster's (replication 1 and 3) chunk write, read
+    /// and random-read rates, with their ratios to the disk.
+    Storage {
+        /// Directory on the disk to measure (its benchmark files are removed afterwards).
+        #[arg(long, default_value = "fs3-bench")]
+        dir: PathBuf,
+        /// Bytes per sequential pass.
+        #[arg(long, default_value = "1GiB")]
+        size: ff_config::ByteSize,
+        /// Requests in flight in sequential passes.
+        #[arg(long, default_value_t = 8)]
+        depth: usize,
+        /// Requests in flight in random 4 KiB reads.
+        #[arg(long, default_value_t = 32)]
+        random_depth: usize,
+        /// Duration of each random-read pass.
+        #[arg(long, default_value = "5s")]
+        random_time: ff_config::Duration,
+        /// I/O backend: io-uring or psync.
+        #[arg(long, value_enum, default_value = "io-uring")]
+        io: IoArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `IoBackend` on the command line.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum IoArg {
+    IoUring,
+    Psync,
 }
 
 fn init_logging() {
@@ -146,6 +188,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("stopping");
             storage.shutdown().await;
             Ok(())
+        }
+        Cmd::Bench {
+            command:
+                BenchCmd::Storage {
+                    dir,
+                    size,
+                    depth,
+                    random_depth,
+                    random_time,
+                    io,
+                    json,
+                },
+        } => {
+            anyhow::ensure!(depth > 0 && random_depth > 0, "depths must be at least 1");
+            bench::run(bench::StorageBench {
+                dir,
+                size,
+                depth,
+                random_depth,
+                random_time: random_time.get(),
+                io: match io {
+                    IoArg::IoUring => fs3_storage::io::IoBackend::IoUring,
+                    IoArg::Psync => fs3_storage::io::IoBackend::Psync,
+                },
+                json,
+            })
+            .await
         }
         Cmd::Admin {
             mgmtd,

@@ -409,7 +409,7 @@ async fn repair(
                 }
                 target
                     .engine
-                    .install(id, meta.version, 0, reply.payload.to_vec())
+                    .install(id, meta.version, 0, &reply.payload)
                     .await
                     .map_err(|e| e.to_string())?;
                 return Ok(Some(peer));

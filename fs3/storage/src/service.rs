@@ -228,7 +228,7 @@ impl Storage {
                 _ => {
                     let installed = target
                         .engine
-                        .install(id, header.version, header.write_id, payload.to_vec())
+                        .install(id, header.version, header.write_id, payload)
                         .await
                         .map_err(engine_fault)?;
                     Ok(write_reply(
@@ -284,9 +284,9 @@ impl Storage {
             let update = match kind {
                 UpdateKind::Write => Update::Write {
                     offset: header.offset,
-                    data: payload.to_vec(),
+                    data: payload,
                 },
-                UpdateKind::Replace => Update::Replace(payload.to_vec()),
+                UpdateKind::Replace => Update::Replace(payload),
                 UpdateKind::Truncate => Update::Truncate(header.length),
                 UpdateKind::Remove => return Err(bad("remove handled above")),
             };
@@ -298,12 +298,14 @@ impl Storage {
         } else {
             target
                 .engine
-                .stage_replace_forced(id, header.version, header.write_id, payload.to_vec())
+                .stage_replace_forced(id, header.version, header.write_id, payload)
                 .await
                 .map_err(engine_fault)?
         };
         if position + 1 < path.len() {
-            let content = if position == 0 {
+            // Successors receive the whole new content. A replace's is the request's payload;
+            // a partial write's or truncate's was assembled by the engine, so read it back.
+            let content = if position == 0 && kind != UpdateKind::Replace {
                 Bytes::from(
                     target
                         .engine

@@ -29,7 +29,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-async fn write(engine: &ChunkEngine, id: ChunkId, version: u64, update: Update) {
+async fn write(engine: &ChunkEngine, id: ChunkId, version: u64, update: Update<'_>) {
     engine.stage(id, version, version, update).await.unwrap();
     engine.commit(id, version).await.unwrap();
 }
@@ -39,7 +39,7 @@ async fn versions_and_ranges(io: IoBackend) {
     let engine = ChunkEngine::open(dir.path(), &config(io)).unwrap();
     let id = chunk(0);
     let first = pattern(300_000, 1);
-    write(&engine, id, 1, Update::Replace(first.clone())).await;
+    write(&engine, id, 1, Update::Replace(&first.clone())).await;
     let read = engine.read(id, 0, 1 << 20).await.unwrap();
     assert_eq!(
         (read.version, read.length, read.pending),
@@ -63,7 +63,7 @@ async fn versions_and_ranges(io: IoBackend) {
         2,
         Update::Write {
             offset: 298_000,
-            data: patch.clone(),
+            data: &patch,
         },
     )
     .await;
@@ -104,7 +104,7 @@ async fn pending_versions_follow_craq_rules() {
     let id = chunk(1);
     // A chunk that exists only as pending is not readable here.
     engine
-        .stage(id, 1, 11, Update::Replace(b"one".to_vec()))
+        .stage(id, 1, 11, Update::Replace(b"one"))
         .await
         .unwrap();
     assert!(matches!(
@@ -116,19 +116,19 @@ async fn pending_versions_follow_craq_rules() {
 
     // Readers keep seeing the committed version while the next is pending.
     engine
-        .stage(id, 2, 22, Update::Replace(b"two".to_vec()))
+        .stage(id, 2, 22, Update::Replace(b"two"))
         .await
         .unwrap();
     let read = engine.read(id, 0, 10).await.unwrap();
     assert_eq!((read.data.as_slice(), read.pending), (&b"one"[..], Some(2)));
     // The same write staged again is recognised; another write replaces the stale pending.
     let again = engine
-        .stage(id, 2, 22, Update::Replace(b"ignored".to_vec()))
+        .stage(id, 2, 22, Update::Replace(b"ignored"))
         .await
         .unwrap();
     assert_eq!(again.length, 3);
     engine
-        .stage(id, 2, 23, Update::Replace(b"deux".to_vec()))
+        .stage(id, 2, 23, Update::Replace(b"deux"))
         .await
         .unwrap();
     engine.commit(id, 2).await.unwrap();
@@ -136,7 +136,7 @@ async fn pending_versions_follow_craq_rules() {
 
     // Versions must follow the committed one; commits must match what is pending.
     assert!(matches!(
-        engine.stage(id, 5, 1, Update::Replace(vec![1])).await,
+        engine.stage(id, 5, 1, Update::Replace(&[1])).await,
         Err(EngineError::VersionMismatch {
             committed: 2,
             got: 5,
@@ -148,7 +148,7 @@ async fn pending_versions_follow_craq_rules() {
         Err(EngineError::NotPending { .. })
     ));
     engine
-        .stage(id, 3, 33, Update::Replace(b"three".to_vec()))
+        .stage(id, 3, 33, Update::Replace(b"three"))
         .await
         .unwrap();
     engine.abort(id, 3).await.unwrap();
@@ -163,7 +163,7 @@ async fn pending_versions_follow_craq_rules() {
                 34,
                 Update::Write {
                     offset: 4 << 20,
-                    data: vec![1]
+                    data: &[1]
                 }
             )
             .await,
@@ -185,7 +185,7 @@ async fn rewriting_a_chunk_reuses_slots_and_removal_frees_them() {
             &engine,
             id,
             version,
-            Update::Replace(pattern(100_000, version as u8)),
+            Update::Replace(&pattern(100_000, version as u8)),
         )
         .await;
     }
@@ -210,12 +210,12 @@ async fn everything_survives_a_restart() {
                 &engine,
                 chunk(index),
                 1,
-                Update::Replace(pattern(70_000, index as u8)),
+                Update::Replace(&pattern(70_000, index as u8)),
             )
             .await;
         }
         engine
-            .stage(chunk(0), 2, 5, Update::Replace(b"pending".to_vec()))
+            .stage(chunk(0), 2, 5, Update::Replace(b"pending"))
             .await
             .unwrap();
     }
@@ -253,7 +253,7 @@ async fn a_flipped_bit_is_caught_in_the_block_that_holds_it() {
     let engine = ChunkEngine::open(dir.path(), &config(IoBackend::IoUring)).unwrap();
     let id = chunk(3);
     let data = pattern(64 * 1024, 3);
-    write(&engine, id, 1, Update::Replace(data.clone())).await;
+    write(&engine, id, 1, Update::Replace(&data.clone())).await;
     let version = engine.meta(id).unwrap().unwrap().committed.unwrap();
     assert_eq!(version.class, 4); // 64 KiB slots
     let file = dir.path().join("class-64KiB.dat");
@@ -313,7 +313,7 @@ async fn a_full_disk_is_a_clear_error_and_loses_nothing() {
         for index in 0..64 {
             let data = pattern(1 << 20, index as u8);
             match engine
-                .stage(chunk(index), 1, 1, Update::Replace(data.clone()))
+                .stage(chunk(index), 1, 1, Update::Replace(&data.clone()))
                 .await
             {
                 Ok(_) => {
@@ -340,7 +340,7 @@ async fn a_full_disk_is_a_clear_error_and_loses_nothing() {
             engine.remove(chunk(*index)).await.unwrap();
         }
         engine
-            .stage(chunk(100), 1, 1, Update::Replace(vec![1; 1 << 20]))
+            .stage(chunk(100), 1, 1, Update::Replace(&vec![1; 1 << 20]))
             .await
             .unwrap();
         written.len()

@@ -20,14 +20,14 @@ async fn a_crash_before_the_metadata_commit_leaves_the_old_version_intact() {
     {
         let engine = ChunkEngine::open(dir.path(), &config).unwrap();
         engine
-            .stage(id, 1, 1, Update::Replace(vec![1; 50_000]))
+            .stage(id, 1, 1, Update::Replace(&vec![1; 50_000]))
             .await
             .unwrap();
         engine.commit(id, 1).await.unwrap();
         fail::cfg("engine::before_record", "return").unwrap();
         assert!(
             engine
-                .stage(id, 2, 2, Update::Replace(vec![2; 50_000]))
+                .stage(id, 2, 2, Update::Replace(&vec![2; 50_000]))
                 .await
                 .is_err()
         );
@@ -42,7 +42,7 @@ async fn a_crash_before_the_metadata_commit_leaves_the_old_version_intact() {
     let (free, total) = engine.usage().await[&(64 * 1024)];
     assert_eq!((free, total), (15, 16));
     engine
-        .stage(id, 2, 3, Update::Replace(vec![3; 50_000]))
+        .stage(id, 2, 3, Update::Replace(&vec![3; 50_000]))
         .await
         .unwrap();
     engine.commit(id, 2).await.unwrap();

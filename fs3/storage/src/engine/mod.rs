@@ -18,6 +18,7 @@
 
 pub mod locks;
 pub mod meta;
+mod meta_writer;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -33,6 +34,7 @@ use crate::buf::{AlignedBuf, BLOCK, round_up};
 use crate::io::{Io, IoBackend, open_direct};
 use locks::KeyLocks;
 pub use meta::{ChunkId, ChunkMeta, ChunkVersion};
+use meta_writer::{MetaChange, MetaWriter};
 
 const CHUNKS: TableDefinition<'static, &'static [u8], &'static [u8]> =
     TableDefinition::new("chunks");
@@ -186,17 +188,17 @@ fn meta_err<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> En
 }
 
 /// A change to a chunk's content, applied copy-on-write into a new version.
-#[derive(Debug, Clone)]
-pub enum Update {
+#[derive(Debug, Clone, Copy)]
+pub enum Update<'a> {
     /// Write `data` at `offset`, growing the chunk if needed.
     Write {
         /// Byte offset in the chunk.
         offset: u32,
         /// The bytes.
-        data: Vec<u8>,
+        data: &'a [u8],
     },
     /// Replace the whole content.
-    Replace(Vec<u8>),
+    Replace(&'a [u8]),
     /// Cut (or zero-extend) the content to `length` bytes.
     Truncate(u32),
 }
@@ -231,7 +233,8 @@ struct SlotState {
 /// The chunk engine of one target.
 pub struct ChunkEngine {
     dir: PathBuf,
-    db: Database,
+    db: Arc<Database>,
+    meta_writer: MetaWriter,
     io: Io,
     classes: Vec<SizeClass>,
     locks: KeyLocks<ChunkId>,
@@ -248,12 +251,19 @@ impl std::fmt::Debug for ChunkEngine {
     }
 }
 
-/// CRC32C of each 4 KiB block of `content[..length]`.
-fn block_crcs(content: &[u8], length: usize) -> Vec<u32> {
-    content[..length]
+/// CRC32C of each 4 KiB block of `content[..length]`, and of all of it (combined from the
+/// blocks', so the data is read once).
+fn checksums(content: &[u8], length: usize) -> (Vec<u32>, u32) {
+    let mut whole = 0;
+    let blocks = content[..length]
         .chunks(BLOCK)
-        .map(crc32c::crc32c)
-        .collect()
+        .map(|block| {
+            let crc = crc32c::crc32c(block);
+            whole = crc32c::crc32c_combine(whole, crc, block.len());
+            crc
+        })
+        .collect();
+    (blocks, whole)
 }
 
 impl ChunkEngine {
@@ -309,9 +319,13 @@ impl ChunkEngine {
                 slots: tokio::sync::Mutex::new(state),
             });
         }
+        let db = Arc::new(db);
+        let meta_writer = MetaWriter::start(db.clone(), &dir.display().to_string())
+            .map_err(io_err("start the metadata writer thread"))?;
         Ok(ChunkEngine {
             dir: dir.to_path_buf(),
             db,
+            meta_writer,
             io,
             classes,
             locks: KeyLocks::default(),
@@ -497,7 +511,7 @@ impl ChunkEngine {
         id: ChunkId,
         version: u64,
         write_id: u64,
-        update: Update,
+        update: Update<'_>,
     ) -> Result<ChunkVersion, EngineError> {
         let _guard = self.locks.lock(id).await;
         let meta = self.meta(id)?.unwrap_or_default();
@@ -563,7 +577,7 @@ impl ChunkEngine {
         id: ChunkId,
         version: u64,
         write_id: u64,
-        content: Vec<u8>,
+        content: &[u8],
     ) -> Result<ChunkVersion, EngineError> {
         let _guard = self.locks.lock(id).await;
         let meta = self.meta(id)?.unwrap_or_default();
@@ -616,7 +630,7 @@ impl ChunkEngine {
         id: ChunkId,
         version: u64,
         write_id: u64,
-        content: Vec<u8>,
+        content: &[u8],
     ) -> Result<ChunkVersion, EngineError> {
         let _guard = self.locks.lock(id).await;
         let meta = self.meta(id)?.unwrap_or_default();
@@ -658,7 +672,7 @@ impl ChunkEngine {
         &self,
         id: ChunkId,
         old: &[u8],
-        update: Update,
+        update: Update<'_>,
     ) -> Result<(AlignedBuf, usize), EngineError> {
         let max = self.max_chunk_size as usize;
         let too_large = |length: u64| EngineError::OutOfRange {
@@ -670,7 +684,7 @@ impl ChunkEngine {
                 if data.len() > max {
                     return Err(too_large(data.len() as u64));
                 }
-                (data.len(), AlignedBuf::padded_copy(&data))
+                (data.len(), self.io.pool().padded_copy(data))
             }
             Update::Write { offset, data } => {
                 let end = u64::from(offset) + data.len() as u64;
@@ -678,9 +692,9 @@ impl ChunkEngine {
                     return Err(too_large(end));
                 }
                 let length = (end as usize).max(old.len());
-                let mut content = AlignedBuf::zeroed(round_up(length));
+                let mut content = self.io.pool().zeroed(round_up(length));
                 content.as_mut_slice()[..old.len()].copy_from_slice(old);
-                content.as_mut_slice()[offset as usize..end as usize].copy_from_slice(&data);
+                content.as_mut_slice()[offset as usize..end as usize].copy_from_slice(data);
                 (length, content)
             }
             Update::Truncate(length) => {
@@ -688,7 +702,7 @@ impl ChunkEngine {
                 if length > max {
                     return Err(too_large(length as u64));
                 }
-                let mut content = AlignedBuf::zeroed(round_up(length));
+                let mut content = self.io.pool().zeroed(round_up(length));
                 let kept = old.len().min(length);
                 content.as_mut_slice()[..kept].copy_from_slice(&old[..kept]);
                 (length, content)
@@ -697,7 +711,7 @@ impl ChunkEngine {
         Ok((content, length))
     }
 
-    /// Writes content into a fresh slot and makes it durable; the slot is not recorded yet.
+    /// Writes content into a fresh slot; the slot is not recorded (nor the data durable) yet.
     async fn write_version(
         &self,
         id: ChunkId,
@@ -712,29 +726,25 @@ impl ChunkEngine {
         let class_id = self.class_for(length as u64);
         let class = self.class(class_id)?;
         let slot = self.allocate(class_id).await?;
+        let (block_crcs, crc32c) = checksums(content.as_slice(), length);
         let staged = ChunkVersion {
             version,
             length: length as u32,
-            crc32c: crc32c::crc32c(&content.as_slice()[..length]),
+            crc32c,
             class: class_id,
             slot,
-            block_crcs: block_crcs(content.as_slice(), length),
+            block_crcs,
             write_id,
         };
-        let written = async {
-            self.io
-                .write_at(&class.file, slot * class.slot_size, content)
-                .await
-                .map_err(io_err(format!(
-                    "write chunk {id} to {}",
-                    class.path.display()
-                )))?;
-            self.io
-                .sync_data(&class.file)
-                .await
-                .map_err(io_err(format!("sync {}", class.path.display())))
-        }
-        .await;
+        // Made durable (fdatasync) by the metadata commit that records it.
+        let written = self
+            .io
+            .write_at(&class.file, slot * class.slot_size, content)
+            .await
+            .map_err(io_err(format!(
+                "write chunk {id} to {}",
+                class.path.display()
+            )));
         if let Err(error) = written {
             self.release(&staged).await;
             return Err(error);
@@ -803,26 +813,23 @@ impl ChunkEngine {
         let Some(meta) = self.meta(id)? else {
             return Ok(());
         };
-        let txn = self.db.begin_write().map_err(meta_err("begin"))?;
-        {
-            let mut chunks = txn.open_table(CHUNKS).map_err(meta_err("open chunks"))?;
-            chunks
-                .remove(id.key().as_slice())
-                .map_err(meta_err("remove chunk"))?;
-            let mut free = txn.open_table(FREE).map_err(meta_err("open free slots"))?;
-            for version in meta.committed.iter().chain(meta.pending.iter()) {
-                free.insert((version.class, version.slot), ())
-                    .map_err(meta_err("free slot"))?;
-            }
-        }
-        txn.commit().map_err(meta_err("commit"))?;
+        let freed = meta
+            .committed
+            .iter()
+            .chain(meta.pending.iter())
+            .map(|v| (v.class, v.slot))
+            .collect();
+        self.meta_writer
+            .commit(MetaChange::Remove { id, freed }, None)
+            .await?;
         for version in meta.committed.iter().chain(meta.pending.iter()) {
             self.release(version).await;
         }
         Ok(())
     }
 
-    /// Writes chunk metadata durably: `claimed` leaves the free set, `freed` joins it.
+    /// Writes chunk metadata durably, after the data of `claimed` (a slot just written): the
+    /// slot of `claimed` leaves the free set, those of `freed` join it.
     async fn record(
         &self,
         id: ChunkId,
@@ -830,23 +837,17 @@ impl ChunkEngine {
         claimed: Option<&ChunkVersion>,
         freed: &[&ChunkVersion],
     ) -> Result<(), EngineError> {
-        let txn = self.db.begin_write().map_err(meta_err("begin"))?;
-        {
-            let mut chunks = txn.open_table(CHUNKS).map_err(meta_err("open chunks"))?;
-            chunks
-                .insert(id.key().as_slice(), meta.encode_to_vec().as_slice())
-                .map_err(meta_err("write chunk"))?;
-            let mut free = txn.open_table(FREE).map_err(meta_err("open free slots"))?;
-            if let Some(claimed) = claimed {
-                free.remove((claimed.class, claimed.slot))
-                    .map_err(meta_err("claim slot"))?;
-            }
-            for freed in freed {
-                free.insert((freed.class, freed.slot), ())
-                    .map_err(meta_err("free slot"))?;
-            }
-        }
-        txn.commit().map_err(meta_err("commit"))
+        let sync = match claimed {
+            Some(version) => Some(self.class(version.class)?.file.clone()),
+            None => None,
+        };
+        let change = MetaChange::Put {
+            id,
+            meta: meta.clone(),
+            claimed: claimed.map(|v| (v.class, v.slot)),
+            freed: freed.iter().map(|v| (v.class, v.slot)).collect(),
+        };
+        self.meta_writer.commit(change, sync).await
     }
 
     /// Takes a free slot of `class`, growing the class file when none is left.
@@ -888,25 +889,16 @@ impl ChunkEngine {
                 .map_err(io_err(format!("grow {}", class.path.display())))?;
             offset += piece as u64;
         }
-        self.io
-            .sync_data(&class.file)
-            .await
-            .map_err(io_err(format!("sync {}", class.path.display())))?;
-        let txn = self.db.begin_write().map_err(meta_err("begin"))?;
-        {
-            let mut capacity = txn
-                .open_table(CAPACITY)
-                .map_err(meta_err("open class capacity"))?;
-            capacity
-                .insert(class_id, start + count)
-                .map_err(meta_err("write class capacity"))?;
-            let mut free = txn.open_table(FREE).map_err(meta_err("open free slots"))?;
-            for slot in start..start + count {
-                free.insert((class_id, slot), ())
-                    .map_err(meta_err("free slot"))?;
-            }
-        }
-        txn.commit().map_err(meta_err("commit"))?;
+        self.meta_writer
+            .commit(
+                MetaChange::Grow {
+                    class: class_id,
+                    capacity: start + count,
+                    new_slots: start..start + count,
+                },
+                Some(class.file.clone()),
+            )
+            .await?;
         slots.capacity = start + count;
         slots.free.extend(start + 1..start + count);
         Ok(start)
@@ -927,5 +919,20 @@ impl ChunkEngine {
             usage.insert(class.slot_size, (slots.free.len() as u64, slots.capacity));
         }
         usage
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_combined_checksum_is_the_whole_contents() {
+        let data: Vec<u8> = (0..3 * BLOCK + 100).map(|i| (i * 7) as u8).collect();
+        let (blocks, whole) = checksums(&data, data.len());
+        assert_eq!(blocks.len(), 4);
+        assert_eq!(whole, crc32c::crc32c(&data));
+        assert_eq!(blocks[3], crc32c::crc32c(&data[3 * BLOCK..]));
+        assert_eq!(checksums(&data, 0), (Vec::new(), 0));
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, AlignedPool};
 
 pub use uring::UringIo;
 
@@ -25,22 +25,40 @@ pub enum IoBackend {
     Psync,
 }
 
-/// The I/O engine of one target.
+/// The I/O engine of one target, with the pool its buffers come from.
 #[derive(Debug)]
-pub enum Io {
+pub struct Io {
+    backend: Backend,
+    pool: AlignedPool,
+}
+
+#[derive(Debug)]
+enum Backend {
     /// See [`IoBackend::IoUring`].
     Uring(UringIo),
     /// See [`IoBackend::Psync`].
     Psync,
 }
 
+/// Idle buffers a target keeps for reuse.
+const POOL_LIMIT: usize = 64 << 20;
+
 impl Io {
     /// Starts the backend; `depth` is the io_uring queue depth.
     pub fn start(backend: IoBackend, depth: u32, name: &str) -> io::Result<Io> {
-        match backend {
-            IoBackend::IoUring => Ok(Io::Uring(UringIo::start(depth, name)?)),
-            IoBackend::Psync => Ok(Io::Psync),
-        }
+        let backend = match backend {
+            IoBackend::IoUring => Backend::Uring(UringIo::start(depth, name)?),
+            IoBackend::Psync => Backend::Psync,
+        };
+        Ok(Io {
+            backend,
+            pool: AlignedPool::new(POOL_LIMIT),
+        })
+    }
+
+    /// The pool buffers for this target's I/O come from.
+    pub fn pool(&self) -> &AlignedPool {
+        &self.pool
     }
 
     /// Reads `len` bytes (a multiple of 4 KiB) at `offset` (4 KiB-aligned).
@@ -50,10 +68,10 @@ impl Io {
         offset: u64,
         len: usize,
     ) -> io::Result<AlignedBuf> {
-        let buf = AlignedBuf::zeroed(len);
-        match self {
-            Io::Uring(uring) => uring.read_at(file.clone(), offset, buf).await,
-            Io::Psync => psync::read_at(file.clone(), offset, buf).await,
+        let buf = self.pool.zeroed(len);
+        match &self.backend {
+            Backend::Uring(uring) => uring.read_at(file.clone(), offset, buf).await,
+            Backend::Psync => psync::read_at(file.clone(), offset, buf).await,
         }
     }
 
@@ -65,17 +83,17 @@ impl Io {
         offset: u64,
         buf: AlignedBuf,
     ) -> io::Result<AlignedBuf> {
-        match self {
-            Io::Uring(uring) => uring.write_at(file.clone(), offset, buf).await,
-            Io::Psync => psync::write_at(file.clone(), offset, buf).await,
+        match &self.backend {
+            Backend::Uring(uring) => uring.write_at(file.clone(), offset, buf).await,
+            Backend::Psync => psync::write_at(file.clone(), offset, buf).await,
         }
     }
 
     /// Makes the file's data durable (`fdatasync`).
     pub async fn sync_data(&self, file: &Arc<File>) -> io::Result<()> {
-        match self {
-            Io::Uring(uring) => uring.sync_data(file.clone()).await,
-            Io::Psync => psync::sync_data(file.clone()).await,
+        match &self.backend {
+            Backend::Uring(uring) => uring.sync_data(file.clone()).await,
+            Backend::Psync => psync::sync_data(file.clone()).await,
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod up;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,27 @@ enum Cmd {
         /// Exit when standard input closes (used by supervisors that pipe it).
         #[arg(long, hide = true)]
         exit_with_parent: bool,
+    },
+    /// Run a whole local cluster (mgmtd and storage daemons as processes) until Ctrl-C.
+    Up {
+        /// Directory for configs, data and logs; reused by later runs.
+        #[arg(long, default_value = "fs3-local")]
+        dir: PathBuf,
+        /// mgmtd replicas (1 or 3).
+        #[arg(long, default_value_t = 1)]
+        mgmtd: u64,
+        /// Storage daemons.
+        #[arg(long, default_value_t = 3)]
+        storage: u64,
+        /// Targets per storage daemon.
+        #[arg(long, default_value_t = 1)]
+        targets: u64,
+        /// Replicas per chain.
+        #[arg(long, default_value_t = 3)]
+        replication: u32,
+        /// First port: mgmtd replicas, then storage daemons, then metrics endpoints.
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
     },
     /// Measure fs3 next to the hardware it runs on.
     Bench {
@@ -188,6 +210,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("stopping");
             storage.shutdown().await;
             Ok(())
+        }
+        Cmd::Up {
+            dir,
+            mgmtd,
+            storage,
+            targets,
+            replication,
+            port,
+        } => {
+            up::run(
+                up::Up {
+                    dir,
+                    mgmtd,
+                    storage,
+                    targets,
+                    replication,
+                    port,
+                },
+                stop_signal(false),
+            )
+            .await
         }
         Cmd::Bench {
             command:

@@ -1,6 +1,6 @@
 //! fs3 data plane end to end, on real processes (1 mgmtd, 3 storage daemons, replication 3):
 //! many chunks written and read back through the chunk client; every replica byte-identical;
-//! partial writes, replace, truncate and remove.
+//! partial writes, replace, truncate and remove; and a restart of the whole cluster.
 
 #![allow(clippy::unwrap_used)]
 
@@ -105,6 +105,22 @@ async fn many_chunks_replicate_identically() {
     }
 
     assert_replicas_identical(&client, &cluster, 3).await;
+
+    // The whole cluster stops and starts again on the same directories: every replica comes
+    // back through the restart protocol and the data is all there.
+    cluster.stop_all().await;
+    let cluster = common::start(cluster.spec().clone()).await;
+    let client = cluster.chunk_client(Duration::from_secs(30)).unwrap();
+    for index in 1..64u32 {
+        let expected = content(7, index, 1, sizes[index as usize % sizes.len()]);
+        let read = client
+            .read(chain, chunk(7, index), 0, 2 << 20)
+            .await
+            .unwrap();
+        assert!(read.data == expected, "chunk {index} after a restart");
+    }
+    assert_replicas_identical(&client, &cluster, 3).await;
+    let mut cluster = cluster;
     cluster.stop_all().await;
     drop(dir);
 }

@@ -25,8 +25,12 @@ use prost::Message as _;
 use crate::engine::{ChunkId, EngineError};
 use crate::service::{Phase, Storage, Target};
 
-/// Moves local targets through the restart protocol as mgmtd's view of them changes.
+/// Moves local targets through the restart protocol as mgmtd's view of them changes. Routing
+/// not yet fetched from mgmtd says nothing (an empty cache would look like "in no chain").
 pub fn update_phases(storage: &Storage, routing: &Routing) {
+    if !routing.from_mgmtd() {
+        return;
+    }
     storage
         .metrics
         .routing_version

@@ -343,8 +343,17 @@ pub async fn run(bench: StorageBench) -> anyhow::Result<()> {
         bench.size.bytes() >= 16 * MIB as u64,
         "--size must be at least 16MiB"
     );
+    // A directory of its own, so that runs side by side do not collide.
+    let mut bench = bench;
+    bench.dir = bench.dir.join(format!("run-{}", std::process::id()));
     std::fs::create_dir_all(&bench.dir)
         .with_context(|| format!("cannot create {}", bench.dir.display()))?;
+    let result = run_in(&bench).await;
+    let _ = std::fs::remove_dir_all(&bench.dir);
+    result
+}
+
+async fn run_in(bench: &StorageBench) -> anyhow::Result<()> {
     let size = bench.size.as_usize() / (4 * MIB) * (4 * MIB);
     let io = Arc::new(Io::start(bench.io, 256, "bench")?);
     let raw_path = bench.dir.join("raw.dat");
@@ -383,9 +392,9 @@ pub async fn run(bench: StorageBench) -> anyhow::Result<()> {
     }
     for replication in [1, 3] {
         eprintln!("measuring a local cluster with replication {replication} ...");
-        cluster_figures(&bench, replication, &raw, &mut figures).await?;
+        cluster_figures(bench, replication, &raw, &mut figures).await?;
     }
-    print(&bench, &figures);
+    print(bench, &figures);
     Ok(())
 }
 

@@ -27,7 +27,7 @@ use fs3_proto::storage::{
 use prost::Message as _;
 
 use crate::engine::locks::KeyLocks;
-use crate::engine::{ChunkEngine, ChunkId, EngineError, Update};
+use crate::engine::{Apply, ChunkEngine, ChunkId, EngineError, Update};
 use crate::metrics::StorageMetrics;
 
 /// Where a local target stands in the restart and recovery protocol.
@@ -274,7 +274,9 @@ impl Storage {
             target.engine.remove(id).await.map_err(engine_fault)?;
             return Ok(Reply::default());
         }
-        let staged = if position == 0 {
+        // The tail has no successor to wait for: it records the write as committed at once.
+        let is_tail = position + 1 == path.len();
+        let (version, update) = if position == 0 {
             let committed = target
                 .engine
                 .meta(id)
@@ -290,19 +292,21 @@ impl Storage {
                 UpdateKind::Truncate => Update::Truncate(header.length),
                 UpdateKind::Remove => return Err(bad("remove handled above")),
             };
-            target
-                .engine
-                .stage(id, committed + 1, header.write_id, update)
-                .await
-                .map_err(engine_fault)?
+            (committed + 1, update)
         } else {
-            target
-                .engine
-                .stage_replace_forced(id, header.version, header.write_id, payload)
-                .await
-                .map_err(engine_fault)?
+            // Replicas behind the head take the whole content and the head's version.
+            (header.version, Update::Replace(payload))
         };
-        if position + 1 < path.len() {
+        let how = Apply {
+            forced: position != 0,
+            commit: is_tail,
+        };
+        let staged = target
+            .engine
+            .apply(id, version, header.write_id, update, how)
+            .await
+            .map_err(engine_fault)?;
+        if !is_tail {
             // Successors receive the whole new content. A replace's is the request's payload;
             // a partial write's or truncate's was assembled by the engine, so read it back.
             let content = if position == 0 && kind != UpdateKind::Replace {
@@ -326,12 +330,12 @@ impl Storage {
                 content,
             )
             .await?;
+            target
+                .engine
+                .commit(id, staged.version)
+                .await
+                .map_err(engine_fault)?;
         }
-        target
-            .engine
-            .commit(id, staged.version)
-            .await
-            .map_err(engine_fault)?;
         if position == 0 {
             self.metrics
                 .bytes

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use ff_config::ByteSize;
-use fs3_storage::engine::{ChunkEngine, ChunkId, EngineConfig, EngineError, Update};
+use fs3_storage::engine::{Apply, ChunkEngine, ChunkId, EngineConfig, EngineError, Update};
 use fs3_storage::io::IoBackend;
 
 fn config(io: IoBackend) -> EngineConfig {
@@ -95,6 +95,52 @@ async fn versions_and_ranges_with_io_uring() {
 #[tokio::test]
 async fn versions_and_ranges_with_psync() {
     versions_and_ranges(IoBackend::Psync).await;
+}
+
+#[tokio::test]
+async fn a_tail_commits_at_once_and_recognises_repeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = ChunkEngine::open(dir.path(), &config(IoBackend::IoUring)).unwrap();
+    let id = chunk(9);
+    let tail = Apply {
+        forced: true,
+        commit: true,
+    };
+    // Committed directly, whatever version the head chose.
+    engine
+        .apply(id, 4, 40, Update::Replace(b"four"), tail)
+        .await
+        .unwrap();
+    let read = engine.read(id, 0, 10).await.unwrap();
+    assert_eq!(
+        (read.data.as_slice(), read.version, read.pending),
+        (&b"four"[..], 4, None)
+    );
+    // The same write again (a retried forward) changes nothing.
+    let again = engine
+        .apply(id, 4, 40, Update::Replace(b"ignored"), tail)
+        .await
+        .unwrap();
+    assert_eq!((again.version, again.length), (4, 4));
+    assert_eq!(engine.read(id, 0, 10).await.unwrap().data, b"four");
+    // A write staged as pending before this replica became the tail is promoted, not redone.
+    engine
+        .stage_replace_forced(id, 5, 50, b"five")
+        .await
+        .unwrap();
+    engine
+        .apply(id, 5, 50, Update::Replace(b"other"), tail)
+        .await
+        .unwrap();
+    let read = engine.read(id, 0, 10).await.unwrap();
+    assert_eq!(
+        (read.data.as_slice(), read.version, read.pending),
+        (&b"five"[..], 5, None)
+    );
+    // Only the live version's slot stays claimed.
+    let usage = engine.usage().await;
+    let (free, total) = usage[&4096];
+    assert_eq!(total - free, 1, "{usage:?}");
 }
 
 #[tokio::test]

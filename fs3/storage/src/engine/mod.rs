@@ -203,6 +203,17 @@ pub enum Update<'a> {
     Truncate(u32),
 }
 
+/// How [`ChunkEngine::apply`] turns a write into a version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Apply {
+    /// Accept any version, not only the one after the committed version (replicas behind the
+    /// head take the version their predecessor chose).
+    pub forced: bool,
+    /// Record the new version as committed at once (the tail of a chain, which has no
+    /// successor to wait for), instead of as pending.
+    pub commit: bool,
+}
+
 /// What a read returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadOutcome {
@@ -251,16 +262,16 @@ impl std::fmt::Debug for ChunkEngine {
     }
 }
 
-/// CRC32C of each 4 KiB block of `content[..length]`, and of all of it (combined from the
-/// blocks', so the data is read once).
+/// CRC32C of each 4 KiB block of `content[..length]`, and of all of it (each block is
+/// checksummed twice while it is in cache: combining block checksums with
+/// `crc32c_combine` costs far more than a second hardware pass).
 fn checksums(content: &[u8], length: usize) -> (Vec<u32>, u32) {
     let mut whole = 0;
     let blocks = content[..length]
         .chunks(BLOCK)
         .map(|block| {
-            let crc = crc32c::crc32c(block);
-            whole = crc32c::crc32c_combine(whole, crc, block.len());
-            crc
+            whole = crc32c::crc32c_append(whole, block);
+            crc32c::crc32c(block)
         })
         .collect();
     (blocks, whole)
@@ -513,17 +524,57 @@ impl ChunkEngine {
         write_id: u64,
         update: Update<'_>,
     ) -> Result<ChunkVersion, EngineError> {
+        self.apply(id, version, write_id, update, Apply::default())
+            .await
+    }
+
+    /// Stages `content` as pending `version` whatever the committed version is: for replicas
+    /// behind the head, which receive the whole new content of each write from their
+    /// predecessor. Idempotent like [`ChunkEngine::stage`].
+    pub async fn stage_replace_forced(
+        &self,
+        id: ChunkId,
+        version: u64,
+        write_id: u64,
+        content: &[u8],
+    ) -> Result<ChunkVersion, EngineError> {
+        let how = Apply {
+            forced: true,
+            commit: false,
+        };
+        self.apply(id, version, write_id, Update::Replace(content), how)
+            .await
+    }
+
+    /// Writes `update` as `version` of chunk `id` (see [`Apply`]): copy-on-write into a fresh
+    /// slot, then one metadata commit recording it as pending, or directly as committed.
+    /// Repeating a write (same version and write id) returns what the first one made.
+    pub async fn apply(
+        &self,
+        id: ChunkId,
+        version: u64,
+        write_id: u64,
+        update: Update<'_>,
+        how: Apply,
+    ) -> Result<ChunkVersion, EngineError> {
         let _guard = self.locks.lock(id).await;
         let meta = self.meta(id)?.unwrap_or_default();
-        if let Some(pending) = meta
-            .pending
-            .as_ref()
-            .filter(|p| p.version == version && p.write_id == write_id)
-        {
-            return Ok(pending.clone());
+        let same_write = |v: &&ChunkVersion| v.version == version && v.write_id == write_id;
+        if let Some(committed) = meta.committed.as_ref().filter(same_write) {
+            // Already committed here (a retried forward after a lost ack).
+            return Ok(committed.clone());
+        }
+        if let Some(pending) = meta.pending.as_ref().filter(same_write) {
+            if !how.commit {
+                return Ok(pending.clone());
+            }
+            let pending = pending.clone();
+            drop(_guard);
+            self.commit(id, version).await?;
+            return Ok(pending);
         }
         let committed = meta.committed.as_ref().map_or(0, |c| c.version);
-        if version != committed + 1 {
+        if !how.forced && version != committed + 1 {
             return Err(EngineError::VersionMismatch {
                 chunk: id,
                 committed,
@@ -537,90 +588,40 @@ impl ChunkEngine {
             _ => Vec::new(),
         };
         let (content, length) = self.apply_update(id, &old, update)?;
-        let staged = self
+        let written = self
             .write_version(id, version, write_id, content, length)
             .await?;
-        // Tests crash here: the new content is durable, nothing points to it yet.
+        // Tests crash here: the new content is written, nothing points to it yet.
         fail::fail_point!("engine::before_record", |_| {
             Err(EngineError::Meta(
                 "fail point engine::before_record".to_string(),
             ))
         });
-        let replaced = meta.pending.clone();
-        let new_meta = ChunkMeta {
-            committed: meta.committed.clone(),
-            pending: Some(staged.clone()),
-        };
-        if let Err(error) = self
-            .record(
-                id,
-                &new_meta,
-                Some(&staged),
-                replaced.iter().collect::<Vec<_>>().as_slice(),
+        let (new_meta, replaced): (ChunkMeta, Vec<&ChunkVersion>) = if how.commit {
+            (
+                ChunkMeta {
+                    committed: Some(written.clone()),
+                    pending: None,
+                },
+                meta.committed.iter().chain(meta.pending.iter()).collect(),
             )
-            .await
-        {
-            self.release(&staged).await;
+        } else {
+            (
+                ChunkMeta {
+                    committed: meta.committed.clone(),
+                    pending: Some(written.clone()),
+                },
+                meta.pending.iter().collect(),
+            )
+        };
+        if let Err(error) = self.record(id, &new_meta, Some(&written), &replaced).await {
+            self.release(&written).await;
             return Err(error);
         }
-        if let Some(replaced) = replaced {
-            self.release(&replaced).await;
+        for old in replaced {
+            self.release(old).await;
         }
-        Ok(staged)
-    }
-
-    /// Stages `content` as pending `version` whatever the committed version is: for replicas
-    /// behind the head, which receive the whole new content of each write from their
-    /// predecessor. Idempotent like [`ChunkEngine::stage`].
-    pub async fn stage_replace_forced(
-        &self,
-        id: ChunkId,
-        version: u64,
-        write_id: u64,
-        content: &[u8],
-    ) -> Result<ChunkVersion, EngineError> {
-        let _guard = self.locks.lock(id).await;
-        let meta = self.meta(id)?.unwrap_or_default();
-        if let Some(pending) = meta
-            .pending
-            .as_ref()
-            .filter(|p| p.version == version && p.write_id == write_id)
-        {
-            return Ok(pending.clone());
-        }
-        if meta
-            .committed
-            .as_ref()
-            .is_some_and(|c| c.version == version && c.write_id == write_id)
-        {
-            // Already committed here (a retried forward after a lost ack).
-            return Ok(meta.committed.clone().unwrap_or_default());
-        }
-        let (content, length) = self.apply_update(id, &[], Update::Replace(content))?;
-        let staged = self
-            .write_version(id, version, write_id, content, length)
-            .await?;
-        let replaced = meta.pending.clone();
-        let new_meta = ChunkMeta {
-            committed: meta.committed.clone(),
-            pending: Some(staged.clone()),
-        };
-        if let Err(error) = self
-            .record(
-                id,
-                &new_meta,
-                Some(&staged),
-                replaced.iter().collect::<Vec<_>>().as_slice(),
-            )
-            .await
-        {
-            self.release(&staged).await;
-            return Err(error);
-        }
-        if let Some(replaced) = replaced {
-            self.release(&replaced).await;
-        }
-        Ok(staged)
+        Ok(written)
     }
 
     /// Makes `content` the committed `version` directly, dropping any pending version (recovery

@@ -25,12 +25,12 @@ pub use units::{ByteSize, Duration};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {cause}")]
     Read {
         /// The file that was asked for.
         path: String,
         /// What the operating system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The TOML did not parse, or did not fit the config structs (unknown field, wrong type).
     #[error("invalid config in {origin}: {message}")]
@@ -77,6 +77,24 @@ pub fn ensure(condition: bool, field: &str, message: impl Into<String>) -> Resul
     }
 }
 
+/// Checks that `value` is an `ip:port` address; with `optional`, an empty value (meaning
+/// "disabled") is accepted too.
+pub fn ensure_socket_addr(value: &str, field: &str, optional: bool) -> Result<(), ConfigError> {
+    if optional && value.is_empty() {
+        return Ok(());
+    }
+    let disabled = if optional {
+        " (or empty to disable)"
+    } else {
+        ""
+    };
+    ensure(
+        value.parse::<std::net::SocketAddr>().is_ok(),
+        field,
+        format!("{value:?} is not an ip:port address{disabled}"),
+    )
+}
+
 /// The configuration of one daemon.
 pub trait DaemonConfig: DeserializeOwned + Serialize + Default {
     /// Prefix of the environment variables that override fields: with `FF_KV`, the variable
@@ -97,7 +115,7 @@ pub fn load<C: DaemonConfig>(path: Option<&Path>) -> Result<C, ConfigError> {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.display().to_string(),
-                source,
+                cause: source,
             })?;
             (text, path.display().to_string())
         }

@@ -22,12 +22,12 @@ pub use prometheus;
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     /// The listen address could not be bound.
-    #[error("cannot listen for /metrics on {addr}: {source}")]
+    #[error("cannot listen for /metrics on {addr}: {cause}")]
     Bind {
         /// The address asked for.
         addr: String,
         /// What the operating system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A metric could not be registered (usually a duplicate name).
     #[error("cannot register metric: {0}")]
@@ -49,11 +49,11 @@ impl MetricsServer {
             .await
             .map_err(|source| MetricsError::Bind {
                 addr: addr.to_string(),
-                source,
+                cause: source,
             })?;
         let local_addr = listener.local_addr().map_err(|source| MetricsError::Bind {
             addr: addr.to_string(),
-            source,
+            cause: source,
         })?;
         let app = Router::new()
             .route("/metrics", get(render))

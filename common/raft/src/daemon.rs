@@ -21,12 +21,12 @@ use crate::state_machine::StateMachine;
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// The gRPC address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Bind {
         /// The address.
         addr: String,
         /// What the operating system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The raft node could not start.
     #[error(transparent)]
@@ -66,7 +66,7 @@ impl<S: StateMachine> Daemon<S> {
                 .await
                 .map_err(|source| DaemonError::Bind {
                     addr: listen_addr.to_string(),
-                    source,
+                    cause: source,
                 })?;
         Self::start_on(listener, metrics_addr, raft, machine, services).await
     }
@@ -82,7 +82,7 @@ impl<S: StateMachine> Daemon<S> {
     ) -> Result<Self, DaemonError> {
         let addr = listener.local_addr().map_err(|source| DaemonError::Bind {
             addr: raft.advertise_addr.clone(),
-            source,
+            cause: source,
         })?;
         let registry = Registry::new();
         let node_id = raft.node_id;

@@ -116,23 +116,23 @@ impl From<RaftError> for Status {
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The database reported an error.
-    #[error("raft storage: {context}: {source}")]
+    #[error("raft storage: {context}: {cause}")]
     Db {
         /// What was being done.
         context: String,
         /// redb's error.
-        source: redb::Error,
+        cause: redb::Error,
     },
     /// The database or a snapshot holds data that cannot be right.
     #[error("raft storage is corrupt: {0}")]
     Corrupt(String),
     /// A file operation failed.
-    #[error("raft storage: {context}: {source}")]
+    #[error("raft storage: {context}: {cause}")]
     Io {
         /// What was being done.
         context: String,
         /// What the operating system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The data directory belongs to another node or cluster.
     #[error("data directory {dir} belongs to {found}, but this node is configured as {expected}")]
@@ -151,7 +151,7 @@ impl StorageError {
     pub(crate) fn db(context: impl Into<String>, source: impl Into<redb::Error>) -> Self {
         StorageError::Db {
             context: context.into(),
-            source: source.into(),
+            cause: source.into(),
         }
     }
 
@@ -159,7 +159,7 @@ impl StorageError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         StorageError::Io {
             context: context.into(),
-            source,
+            cause: source,
         }
     }
 }

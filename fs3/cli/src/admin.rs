@@ -1,11 +1,14 @@
 //! `fs3 admin ...`: the operator's view of mgmtd, as tables or JSON.
 
+use std::time::Duration;
+
 use anyhow::{Context, bail};
 use ff_rpc::{ClientOptions, LeaderClient};
 use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
 use fs3_proto::mgmtd::{
-    BootstrapRequest, GetRoutingRequest, ListNodesReply, ListNodesRequest, LocalState, NodeKind,
-    PublicState, RoutingInfo, SetTargetOfflineRequest,
+    BootstrapRequest, ChainSpec, CreateChainTableRequest, CreateChainsRequest, GetRoutingRequest,
+    ListNodesReply, ListNodesRequest, LocalState, NodeKind, PublicState, RoutingInfo,
+    SetTargetOfflineRequest,
 };
 use serde_json::json;
 
@@ -15,7 +18,8 @@ fn failed(client: &LeaderClient, status: &tonic::Status) -> anyhow::Error {
     match status.code() {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
             anyhow::anyhow!(
-                "cannot reach an mgmtd leader at {endpoints}: {}",
+                "cannot reach an mgmtd leader at {endpoints}: {} (is mgmtd running? the \
+                 replicas are given with --mgmtd or FS3_MGMTD)",
                 status.message()
             )
         }
@@ -25,7 +29,14 @@ fn failed(client: &LeaderClient, status: &tonic::Status) -> anyhow::Error {
 
 /// A client of the mgmtd replicas at `endpoints`.
 pub fn client(endpoints: Vec<String>) -> anyhow::Result<LeaderClient> {
-    LeaderClient::new(endpoints, ClientOptions::default()).context("invalid mgmtd address")
+    // Long enough to ride out a leader election, short enough for a person waiting.
+    let options = ClientOptions {
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(5),
+        total_timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
+    };
+    LeaderClient::new(endpoints, options).context("invalid mgmtd address")
 }
 
 pub async fn routing(client: &LeaderClient) -> anyhow::Result<RoutingInfo> {
@@ -97,6 +108,24 @@ pub enum AdminCmd {
         table: u64,
         #[arg(long, default_value_t = 3)]
         replication: u32,
+    },
+    /// Create a chain from registered targets, head first (replicas on distinct nodes).
+    CreateChain {
+        /// The new chain's id.
+        #[arg(long)]
+        id: u64,
+        /// Target ids, head first (comma separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        targets: Vec<u64>,
+    },
+    /// Create (or replace) a chain table from existing chains.
+    CreateTable {
+        /// The table's id.
+        #[arg(long)]
+        id: u64,
+        /// Chain ids in table order (comma separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        chains: Vec<u64>,
     },
     /// Take a target out of service by hand.
     Offline { target: u64 },
@@ -284,6 +313,36 @@ pub async fn run(
                 "chain table {table}: {} chains of {replication} replicas",
                 created.chains.len()
             );
+        }
+        AdminCmd::CreateChain { id, targets } => {
+            let request = CreateChainsRequest {
+                chains: vec![ChainSpec {
+                    id,
+                    targets: targets.clone(),
+                }],
+            };
+            client
+                .call(|channel| {
+                    let request = request.clone();
+                    async move { MgmtdClient::new(channel).create_chains(request).await }
+                })
+                .await
+                .map_err(|s| failed(client, &s))?;
+            println!("chain {id} created: {targets:?} (head first)");
+        }
+        AdminCmd::CreateTable { id, chains } => {
+            let request = CreateChainTableRequest {
+                id,
+                chains: chains.clone(),
+            };
+            client
+                .call(|channel| {
+                    let request = request.clone();
+                    async move { MgmtdClient::new(channel).create_chain_table(request).await }
+                })
+                .await
+                .map_err(|s| failed(client, &s))?;
+            println!("chain table {id}: chains {chains:?}");
         }
         AdminCmd::Offline { target } | AdminCmd::Online { target } => {
             let offline = matches!(command, AdminCmd::Offline { .. });

@@ -106,6 +106,23 @@ async fn raw_sequential(
     Ok((bytes / write.as_secs_f64(), bytes / read.as_secs_f64()))
 }
 
+/// Operations per second of `op`, run with `depth` in flight for `time`.
+async fn ops_per_second<F, Fut>(depth: usize, time: Duration, op: F) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let deadline = Instant::now() + time;
+    let started = Instant::now();
+    let done = futures::stream::iter(0..)
+        .take_while(|_| std::future::ready(Instant::now() < deadline))
+        .map(|_| op())
+        .buffer_unordered(depth)
+        .try_fold(0u64, |n, ()| std::future::ready(Ok(n + 1)))
+        .await?;
+    Ok(done as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Raw 4 KiB random reads over the first `size` bytes of `path` for `time`; operations/s.
 async fn raw_random(
     io: &Arc<Io>,
@@ -116,23 +133,15 @@ async fn raw_random(
 ) -> anyhow::Result<f64> {
     let file = Arc::new(open_direct(path)?);
     let blocks = (size / BLOCK) as u64;
-    let deadline = Instant::now() + time;
-    let started = Instant::now();
-    let done = futures::stream::iter(0..)
-        .take_while(|_| std::future::ready(Instant::now() < deadline))
-        .map(|_| {
-            let (io, file) = (io.clone(), file.clone());
-            async move {
-                let block = rand::random_range(0..blocks);
-                io.read_at(&file, block * BLOCK as u64, BLOCK)
-                    .await
-                    .map(drop)
-            }
-        })
-        .buffer_unordered(depth)
-        .try_fold(0u64, |n, ()| std::future::ready(Ok(n + 1)))
-        .await?;
-    Ok(done as f64 / started.elapsed().as_secs_f64())
+    ops_per_second(depth, time, || {
+        let (io, file) = (io.clone(), file.clone());
+        async move {
+            let block = rand::random_range(0..blocks);
+            io.read_at(&file, block * BLOCK as u64, BLOCK).await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 fn chunk(inode: u64, index: u64) -> ChunkId {
@@ -219,26 +228,19 @@ async fn client_random(
     depth: usize,
     time: Duration,
 ) -> anyhow::Result<f64> {
-    let deadline = Instant::now() + time;
-    let started = Instant::now();
     let blocks = (chunk_size / BLOCK) as u32;
-    let done = futures::stream::iter(0..)
-        .take_while(|_| std::future::ready(Instant::now() < deadline))
-        .map(|_| {
-            let client = client.clone();
-            async move {
-                let index = rand::random_range(0..chunks);
-                let offset = rand::random_range(0..blocks) * BLOCK as u32;
-                client
-                    .read(chain, chunk(inode, index), offset, BLOCK as u32)
-                    .await
-                    .map(drop)
-            }
-        })
-        .buffer_unordered(depth)
-        .try_fold(0u64, |n, ()| std::future::ready(Ok(n + 1)))
-        .await?;
-    Ok(done as f64 / started.elapsed().as_secs_f64())
+    ops_per_second(depth, time, || {
+        let client = client.clone();
+        async move {
+            let index = rand::random_range(0..chunks);
+            let offset = rand::random_range(0..blocks) * BLOCK as u32;
+            client
+                .read(chain, chunk(inode, index), offset, BLOCK as u32)
+                .await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Brings up a local cluster of `nodes` storage daemons with `replication` in `dir`.

@@ -26,29 +26,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a cluster manager replica.
-    Mgmtd {
-        /// Config file (TOML); see --print-default-config.
-        #[arg(long, required_unless_present = "print_default_config")]
-        config: Option<PathBuf>,
-        /// Print the documented default config and exit.
-        #[arg(long)]
-        print_default_config: bool,
-        /// Exit when standard input closes (used by supervisors that pipe it).
-        #[arg(long, hide = true)]
-        exit_with_parent: bool,
-    },
+    Mgmtd(DaemonArgs),
     /// Run a storage daemon (its targets, CRAQ replication and recovery).
-    Storage {
-        /// Config file (TOML); see --print-default-config.
-        #[arg(long, required_unless_present = "print_default_config")]
-        config: Option<PathBuf>,
-        /// Print the documented default config and exit.
-        #[arg(long)]
-        print_default_config: bool,
-        /// Exit when standard input closes (used by supervisors that pipe it).
-        #[arg(long, hide = true)]
-        exit_with_parent: bool,
-    },
+    Storage(DaemonArgs),
     /// Run a whole local cluster (mgmtd and storage daemons as processes) until Ctrl-C.
     Up {
         /// Directory for configs, data and logs; reused by later runs.
@@ -91,6 +71,20 @@ enum Cmd {
         #[command(subcommand)]
         command: admin::AdminCmd,
     },
+}
+
+/// How a daemon subcommand is run.
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// Config file (TOML); see --print-default-config.
+    #[arg(long, required_unless_present = "print_default_config")]
+    config: Option<PathBuf>,
+    /// Print the documented default config and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Exit when standard input closes (used by supervisors that pipe it).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
 }
 
 #[derive(Subcommand)]
@@ -168,23 +162,27 @@ async fn stop_signal(exit_with_parent: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A daemon's validated config from its file (and the environment), logging set up; or, with
+/// `--print-default-config`, the documented template printed and nothing to run.
+fn daemon_config<C: DaemonConfig>(args: &DaemonArgs) -> anyhow::Result<Option<C>> {
+    if args.print_default_config {
+        print!("{}", C::TEMPLATE);
+        return Ok(None);
+    }
+    init_logging();
+    Ok(Some(ff_config::load(args.config.as_deref())?))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Mgmtd {
-            config,
-            print_default_config,
-            exit_with_parent,
-        } => {
-            if print_default_config {
-                print!("{}", MgmtdConfig::TEMPLATE);
+        Cmd::Mgmtd(args) => {
+            let Some(config) = daemon_config::<MgmtdConfig>(&args)? else {
                 return Ok(());
-            }
-            init_logging();
-            let config: MgmtdConfig = ff_config::load(config.as_deref())?;
+            };
             let mgmtd = Mgmtd::start(config).await?;
             let node = mgmtd.daemon().node().clone();
             let failure = tokio::select! {
-                stop = stop_signal(exit_with_parent) => { stop?; None }
+                stop = stop_signal(args.exit_with_parent) => { stop?; None }
                 reason = node.stopped() => Some(reason),
             };
             tracing::info!("stopping");
@@ -194,19 +192,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Storage {
-            config,
-            print_default_config,
-            exit_with_parent,
-        } => {
-            if print_default_config {
-                print!("{}", StorageConfig::TEMPLATE);
+        Cmd::Storage(args) => {
+            let Some(config) = daemon_config::<StorageConfig>(&args)? else {
                 return Ok(());
-            }
-            init_logging();
-            let config: StorageConfig = ff_config::load(config.as_deref())?;
+            };
             let storage = StorageDaemon::start(config).await?;
-            stop_signal(exit_with_parent).await?;
+            stop_signal(args.exit_with_parent).await?;
             tracing::info!("stopping");
             storage.shutdown().await;
             Ok(())

@@ -1,6 +1,6 @@
 //! Configuration of one mgmtd replica; the commented defaults are in `deploy/config/fs3-mgmtd.toml`.
 
-use ff_config::{ConfigError, DaemonConfig, Duration, ensure};
+use ff_config::{ConfigError, DaemonConfig, Duration, ensure, ensure_socket_addr};
 use ff_raft::RaftConfig;
 use serde::{Deserialize, Serialize};
 
@@ -47,20 +47,8 @@ impl DaemonConfig for MgmtdConfig {
     const TEMPLATE: &'static str = include_str!("../../../deploy/config/fs3-mgmtd.toml");
 
     fn validate(&self) -> Result<(), ConfigError> {
-        ensure(
-            self.listen_addr.parse::<std::net::SocketAddr>().is_ok(),
-            "listen_addr",
-            format!("{:?} is not an ip:port address", self.listen_addr),
-        )?;
-        ensure(
-            self.metrics_addr.is_empty()
-                || self.metrics_addr.parse::<std::net::SocketAddr>().is_ok(),
-            "metrics_addr",
-            format!(
-                "{:?} is not an ip:port address (or empty to disable)",
-                self.metrics_addr
-            ),
-        )?;
+        ensure_socket_addr(&self.listen_addr, "listen_addr", false)?;
+        ensure_socket_addr(&self.metrics_addr, "metrics_addr", true)?;
         ensure(
             self.lease.get() >= std::time::Duration::from_millis(100),
             "lease",

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use ff_config::{ConfigError, DaemonConfig, Duration, ensure};
+use ff_config::{ConfigError, DaemonConfig, Duration, ensure, ensure_socket_addr};
 use ff_net::NetConfig;
 use serde::{Deserialize, Serialize};
 
@@ -69,20 +69,8 @@ impl DaemonConfig for StorageConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         ensure(self.node_id != 0, "node_id", "must not be 0")?;
-        ensure(
-            self.listen_addr.parse::<std::net::SocketAddr>().is_ok(),
-            "listen_addr",
-            format!("{:?} is not an ip:port address", self.listen_addr),
-        )?;
-        ensure(
-            self.metrics_addr.is_empty()
-                || self.metrics_addr.parse::<std::net::SocketAddr>().is_ok(),
-            "metrics_addr",
-            format!(
-                "{:?} is not an ip:port address (or empty to disable)",
-                self.metrics_addr
-            ),
-        )?;
+        ensure_socket_addr(&self.listen_addr, "listen_addr", false)?;
+        ensure_socket_addr(&self.metrics_addr, "metrics_addr", true)?;
         ensure(!self.mgmtd.is_empty(), "mgmtd", "lists no mgmtd replica")?;
         ensure(
             !self.heartbeat_interval.get().is_zero(),

@@ -24,22 +24,22 @@ use crate::service::{Phase, Storage, StorageHandler, Target};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A target could not be opened.
-    #[error("target {target} at {path}: {source}")]
+    #[error("target {target} at {path}: {cause}")]
     Target {
         /// The target.
         target: u64,
         /// Its directory.
         path: String,
         /// Why.
-        source: EngineError,
+        cause: EngineError,
     },
     /// The data address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Bind {
         /// The address.
         addr: String,
         /// What the operating system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Something else.
     #[error("{0}")]
@@ -71,7 +71,7 @@ impl StorageDaemon {
             .await
             .map_err(|source| StartError::Bind {
                 addr: config.listen_addr.clone(),
-                source,
+                cause: source,
             })?;
         let mut targets = BTreeMap::new();
         for target in &config.targets {
@@ -84,7 +84,7 @@ impl StorageDaemon {
                     .map_err(|source| StartError::Target {
                         target: target.id,
                         path: target.path.display().to_string(),
-                        source,
+                        cause: source,
                     })?;
             targets.insert(
                 target.id,
@@ -121,7 +121,7 @@ impl StorageDaemon {
         )
         .map_err(|source| StartError::Bind {
             addr: config.listen_addr.clone(),
-            source,
+            cause: source,
         })?;
         let metrics = if config.metrics_addr.is_empty() {
             None

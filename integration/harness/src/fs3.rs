@@ -9,7 +9,7 @@
 //! cluster with its data.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -153,13 +153,29 @@ pub struct Fs3Cluster {
     client: LeaderClient,
 }
 
-fn daemon_args(kind: &str, config: &Path) -> Vec<std::ffi::OsString> {
-    vec![
-        kind.into(),
-        "--config".into(),
-        config.into(),
-        "--exit-with-parent".into(),
-    ]
+/// The process of daemon `name` (`mgmtd-1`, `storage-2`, …) running `fs3 KIND`, with its
+/// config written to `DIR/NAME.toml` unless that file exists (a restart keeps the config).
+fn daemon<C: serde::Serialize>(
+    spec: &Fs3ClusterSpec,
+    kind: &str,
+    name: &str,
+    config: impl FnOnce() -> C,
+) -> anyhow::Result<ChildProcess> {
+    let config_path = spec.dir.join(format!("{name}.toml"));
+    if !config_path.exists() {
+        std::fs::write(&config_path, toml::to_string(&config())?)?;
+    }
+    Ok(ChildProcess::new(
+        name,
+        &spec.binary,
+        [
+            kind.into(),
+            "--config".into(),
+            config_path.into_os_string(),
+            std::ffi::OsString::from("--exit-with-parent"),
+        ],
+        spec.dir.join(format!("{name}.log")),
+    ))
 }
 
 impl Fs3Cluster {
@@ -182,73 +198,50 @@ impl Fs3Cluster {
         let mut metrics = BTreeMap::new();
         let mut mgmtd = BTreeMap::new();
         for id in 1..=spec.mgmtd_replicas {
-            let config_path = spec.dir.join(format!("mgmtd-{id}.toml"));
+            let name = format!("mgmtd-{id}");
             let metrics_addr = spec.metrics_addr(id - 1);
-            if !config_path.exists() {
-                let config = MgmtdConfig {
-                    listen_addr: spec.mgmtd_addr(id),
-                    metrics_addr: metrics_addr.clone(),
-                    lease: ff_config::Duration(spec.lease),
-                    detector_interval: ff_config::Duration(spec.lease / 10),
-                    raft: RaftConfig {
-                        node_id: id,
-                        cluster: "fs3-mgmtd".to_string(),
-                        data_dir: spec.dir.join(format!("mgmtd-{id}")),
-                        advertise_addr: spec.mgmtd_addr(id),
-                        initial_members: members.clone(),
-                        tick_interval: ff_config::Duration(spec.raft_tick),
-                        ..RaftConfig::default()
-                    },
-                };
-                std::fs::write(&config_path, toml::to_string(&config)?)?;
-            }
-            metrics.insert(format!("mgmtd-{id}"), metrics_addr);
-            mgmtd.insert(
-                id,
-                ChildProcess::new(
-                    format!("mgmtd-{id}"),
-                    &spec.binary,
-                    daemon_args("mgmtd", &config_path),
-                    spec.dir.join(format!("mgmtd-{id}.log")),
-                ),
-            );
+            let process = daemon(&spec, "mgmtd", &name, || MgmtdConfig {
+                listen_addr: spec.mgmtd_addr(id),
+                metrics_addr: metrics_addr.clone(),
+                lease: ff_config::Duration(spec.lease),
+                detector_interval: ff_config::Duration(spec.lease / 10),
+                raft: RaftConfig {
+                    node_id: id,
+                    cluster: "fs3-mgmtd".to_string(),
+                    data_dir: spec.dir.join(&name),
+                    advertise_addr: spec.mgmtd_addr(id),
+                    initial_members: members.clone(),
+                    tick_interval: ff_config::Duration(spec.raft_tick),
+                    ..RaftConfig::default()
+                },
+            })?;
+            metrics.insert(name, metrics_addr);
+            mgmtd.insert(id, process);
         }
         let mut storage = BTreeMap::new();
         for node in 1..=spec.storage_nodes {
-            let config_path = spec.dir.join(format!("storage-{node}.toml"));
+            let name = format!("storage-{node}");
             let metrics_addr = spec.metrics_addr(spec.mgmtd_replicas + node - 1);
-            if !config_path.exists() {
-                let heartbeat = spec.lease / 6;
-                let config = StorageConfig {
-                    node_id: node,
-                    listen_addr: spec.storage_addr(node),
-                    metrics_addr: metrics_addr.clone(),
-                    mgmtd: mgmtd_endpoints.clone(),
-                    heartbeat_interval: ff_config::Duration(heartbeat),
-                    isolation_timeout: ff_config::Duration(spec.lease / 2),
-                    targets: spec
-                        .targets_of(node)
-                        .into_iter()
-                        .map(|id| TargetConfig {
-                            id,
-                            path: spec.target_path(id),
-                        })
-                        .collect(),
-                    engine: spec.engine.clone(),
-                    ..StorageConfig::default()
-                };
-                std::fs::write(&config_path, toml::to_string(&config)?)?;
-            }
-            metrics.insert(format!("storage-{node}"), metrics_addr);
-            storage.insert(
-                node,
-                ChildProcess::new(
-                    format!("storage-{node}"),
-                    &spec.binary,
-                    daemon_args("storage", &config_path),
-                    spec.dir.join(format!("storage-{node}.log")),
-                ),
-            );
+            let process = daemon(&spec, "storage", &name, || StorageConfig {
+                node_id: node,
+                listen_addr: spec.storage_addr(node),
+                metrics_addr: metrics_addr.clone(),
+                mgmtd: mgmtd_endpoints.clone(),
+                heartbeat_interval: ff_config::Duration(spec.lease / 6),
+                isolation_timeout: ff_config::Duration(spec.lease / 2),
+                targets: spec
+                    .targets_of(node)
+                    .into_iter()
+                    .map(|id| TargetConfig {
+                        id,
+                        path: spec.target_path(id),
+                    })
+                    .collect(),
+                engine: spec.engine.clone(),
+                ..StorageConfig::default()
+            })?;
+            metrics.insert(name, metrics_addr);
+            storage.insert(node, process);
         }
         let addrs: Vec<String> = (1..=spec.mgmtd_replicas)
             .map(|id| spec.mgmtd_addr(id))
@@ -442,6 +435,14 @@ impl Fs3Cluster {
         .map_err(|s| format!("mgmtd-{id}: {}", s.message()))
     }
 
+    /// The routing, for readiness probes: fails for good if a daemon died.
+    async fn probe_routing(&self) -> Result<RoutingInfo, NotReady> {
+        self.check_processes()?;
+        self.routing()
+            .await
+            .map_err(|e| NotReady::Pending(e.to_string()))
+    }
+
     async fn wait_registered(&self, timeout: Duration) -> anyhow::Result<()> {
         let expected = self.spec.storage_nodes * self.spec.targets_per_node;
         wait_for(
@@ -449,11 +450,7 @@ impl Fs3Cluster {
             timeout,
             Duration::from_millis(100),
             || async {
-                self.check_processes()?;
-                let routing = self
-                    .routing()
-                    .await
-                    .map_err(|e| NotReady::Pending(e.to_string()))?;
+                let routing = self.probe_routing().await?;
                 let registered = routing.targets.len() as u64;
                 if registered >= expected {
                     Ok(())
@@ -482,11 +479,7 @@ impl Fs3Cluster {
             timeout,
             Duration::from_millis(50),
             || async {
-                self.check_processes()?;
-                let routing = self
-                    .routing()
-                    .await
-                    .map_err(|e| NotReady::Pending(e.to_string()))?;
+                let routing = self.probe_routing().await?;
                 match state_in(&routing, target) {
                     Some(now) if now == state => Ok(()),
                     now => Err(format!("target {target} is {now:?}").into()),
@@ -504,11 +497,7 @@ impl Fs3Cluster {
             timeout,
             Duration::from_millis(100),
             || async {
-                self.check_processes()?;
-                let routing = self
-                    .routing()
-                    .await
-                    .map_err(|e| NotReady::Pending(e.to_string()))?;
+                let routing = self.probe_routing().await?;
                 let nodes = self
                     .client
                     .call(|channel| async move {

@@ -1,6 +1,6 @@
 //! Configuration of one ff-kv node; the commented defaults are in `ff-kv.toml`.
 
-use ff_config::{ConfigError, DaemonConfig, ensure};
+use ff_config::{ConfigError, DaemonConfig, ensure_socket_addr};
 use ff_raft::RaftConfig;
 use serde::{Deserialize, Serialize};
 
@@ -31,20 +31,8 @@ impl DaemonConfig for KvConfig {
     const TEMPLATE: &'static str = include_str!("../../../../deploy/config/ff-kv.toml");
 
     fn validate(&self) -> Result<(), ConfigError> {
-        ensure(
-            self.listen_addr.parse::<std::net::SocketAddr>().is_ok(),
-            "listen_addr",
-            format!("{:?} is not an ip:port address", self.listen_addr),
-        )?;
-        ensure(
-            self.metrics_addr.is_empty()
-                || self.metrics_addr.parse::<std::net::SocketAddr>().is_ok(),
-            "metrics_addr",
-            format!(
-                "{:?} is not an ip:port address (or empty to disable)",
-                self.metrics_addr
-            ),
-        )?;
+        ensure_socket_addr(&self.listen_addr, "listen_addr", false)?;
+        ensure_socket_addr(&self.metrics_addr, "metrics_addr", true)?;
         self.raft.validate("raft")
     }
 }

@@ -17,12 +17,12 @@ use crate::server::{self, KvServer};
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
     /// A node failed to start.
-    #[error("node {id}: {source}")]
+    #[error("node {id}: {cause}")]
     Start {
         /// The node.
         id: u64,
         /// Why.
-        source: ff_raft::DaemonError,
+        cause: ff_raft::DaemonError,
     },
     /// A port could not be reserved.
     #[error("cannot reserve a loopback port: {0}")]
@@ -119,7 +119,7 @@ impl LocalCluster {
     ) -> Result<(), LocalError> {
         let server = server::start_on(config.clone(), listener)
             .await
-            .map_err(|source| LocalError::Start { id, source })?;
+            .map_err(|source| LocalError::Start { id, cause: source })?;
         self.nodes.insert(
             id,
             LocalNode {

@@ -185,9 +185,9 @@ fn commit_batch(db: &Database, jobs: &[Job]) -> Result<(), EngineError> {
 fn duplicate(error: &EngineError) -> EngineError {
     match error {
         EngineError::NoSpace(message) => EngineError::NoSpace(message.clone()),
-        EngineError::Io { context, source } => EngineError::Io {
+        EngineError::Io { context, cause } => EngineError::Io {
             context: context.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
+            cause: std::io::Error::new(cause.kind(), cause.to_string()),
         },
         other => EngineError::Meta(other.to_string()),
     }

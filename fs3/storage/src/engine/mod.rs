@@ -155,12 +155,12 @@ pub enum EngineError {
         block: usize,
     },
     /// A file operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done.
         context: String,
         /// What the operating system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The metadata database failed or holds something impossible.
     #[error("chunk metadata: {0}")]
@@ -173,7 +173,10 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineEr
         if source.raw_os_error() == Some(libc::ENOSPC) {
             EngineError::NoSpace(format!("{context}: {source}"))
         } else {
-            EngineError::Io { context, source }
+            EngineError::Io {
+                context,
+                cause: source,
+            }
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct StorageBench {
     pub random_time: Duration,
     /// I/O backend of the raw pass and of the targets.
     pub io: IoBackend,
+    /// The replication factors to measure (a local cluster each).
+    pub replications: Vec<u32>,
     /// Print JSON instead of a table.
     pub json: bool,
 }
@@ -392,7 +394,7 @@ async fn run_in(bench: &StorageBench) -> anyhow::Result<()> {
             unit,
         });
     }
-    for replication in [1, 3] {
+    for &replication in &bench.replications {
         eprintln!("measuring a local cluster with replication {replication} ...");
         cluster_figures(bench, replication, &raw, &mut figures).await?;
     }

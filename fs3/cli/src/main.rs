@@ -98,8 +98,8 @@ enum BenchCmd {
         /// Bytes per sequential pass.
         #[arg(long, default_value = "1GiB")]
         size: ff_config::ByteSize,
-        /// Requests in flight in sequential passes.
-        #[arg(long, default_value_t = 8)]
+        /// Requests in flight in sequential passes (raw and client alike).
+        #[arg(long, default_value_t = 16)]
         depth: usize,
         /// Requests in flight in random 4 KiB reads.
         #[arg(long, default_value_t = 32)]
@@ -110,6 +110,9 @@ enum BenchCmd {
         /// I/O backend: io-uring or psync.
         #[arg(long, value_enum, default_value = "io-uring")]
         io: IoArg,
+        /// Replication factors to measure, a local cluster each (comma separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,3")]
+        replication: Vec<u32>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -232,10 +235,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     random_depth,
                     random_time,
                     io,
+                    replication,
                     json,
                 },
         } => {
             anyhow::ensure!(depth > 0 && random_depth > 0, "depths must be at least 1");
+            anyhow::ensure!(
+                replication.iter().all(|r| (1..=16).contains(r)),
+                "--replication factors must be from 1 to 16"
+            );
             bench::run(bench::StorageBench {
                 dir,
                 size,
@@ -246,6 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     IoArg::IoUring => fs3_storage::io::IoBackend::IoUring,
                     IoArg::Psync => fs3_storage::io::IoBackend::Psync,
                 },
+                replications: replication,
                 json,
             })
             .await

@@ -301,41 +301,52 @@ impl Storage {
             forced: position != 0,
             commit: is_tail,
         };
-        let staged = target
+        let stage = target
             .engine
-            .apply(id, version, header.write_id, update, how)
-            .await
-            .map_err(engine_fault)?;
-        if !is_tail {
-            // Successors receive the whole new content. A replace's is the request's payload;
-            // a partial write's or truncate's was assembled by the engine, so read it back.
-            let content = if position == 0 && kind != UpdateKind::Replace {
-                Bytes::from(
-                    target
-                        .engine
-                        .read_pending(id, staged.version)
-                        .await
-                        .map_err(engine_fault)?,
+            .apply(id, version, header.write_id, update, how);
+        let staged = if is_tail {
+            stage.await.map_err(engine_fault)?
+        } else {
+            let forward = |content| {
+                self.forward(
+                    &chain,
+                    target.id,
+                    id,
+                    UpdateKind::Replace,
+                    version,
+                    header.write_id,
+                    content,
                 )
-            } else {
-                Bytes::copy_from_slice(payload)
             };
-            self.forward(
-                &chain,
-                target.id,
-                id,
-                UpdateKind::Replace,
-                staged.version,
-                header.write_id,
-                content,
-            )
-            .await?;
+            let staged = if position == 0 && kind != UpdateKind::Replace {
+                // A partial write's or truncate's new content is assembled by the engine: stage
+                // it, read it back, then pass it on.
+                let staged = stage.await.map_err(engine_fault)?;
+                let content = target
+                    .engine
+                    .read_pending(id, staged.version)
+                    .await
+                    .map_err(engine_fault)?;
+                forward(Bytes::from(content)).await?;
+                staged
+            } else {
+                // The whole content is the payload: store it here while the successors store
+                // theirs, so the chain writes in parallel rather than one replica after another.
+                // If only the forward succeeds, a retry (same write id) finds the successors
+                // done and stages here again.
+                let (staged, forwarded) =
+                    tokio::join!(stage, forward(Bytes::copy_from_slice(payload)));
+                let staged = staged.map_err(engine_fault)?;
+                forwarded?;
+                staged
+            };
             target
                 .engine
                 .commit(id, staged.version)
                 .await
                 .map_err(engine_fault)?;
-        }
+            staged
+        };
         if position == 0 {
             self.metrics
                 .bytes

@@ -43,6 +43,9 @@ const CAPACITY: TableDefinition<'static, u32, u64> = TableDefinition::new("class
 /// (class, slot) of every slot no version points to.
 const FREE: TableDefinition<'static, (u32, u64), ()> = TableDefinition::new("free_slots");
 
+/// Serialises class-file growth in this process (see `ChunkEngine::allocate`).
+static GROWTH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Largest single zero-fill write when a class file grows.
 const GROWTH_WRITE: usize = 4 << 20;
 
@@ -862,6 +865,9 @@ impl ChunkEngine {
             return Ok(slot);
         }
         // Grow by whole slots, written with zeros so that data writes never convert extents.
+        // Targets of one daemon often share a filesystem: one growth at a time, so that each
+        // sees the space the others took.
+        let _one_growth = GROWTH.lock().await;
         let count = (self.growth / class.slot_size).max(1);
         let needed = count * class.slot_size + self.reserved;
         let available = nix::sys::statvfs::statvfs(&self.dir)
@@ -877,32 +883,41 @@ impl ChunkEngine {
             )));
         }
         let start = slots.capacity;
-        let mut offset = start * class.slot_size;
-        let end = (start + count) * class.slot_size;
-        let zeros = AlignedBuf::zeroed(GROWTH_WRITE.min((end - offset) as usize));
-        while offset < end {
-            let piece = (zeros.len() as u64).min(end - offset) as usize;
-            let buf = if piece == zeros.len() {
-                zeros.clone()
-            } else {
-                AlignedBuf::zeroed(piece)
-            };
-            self.io
-                .write_at(&class.file, offset, buf)
+        let grown = async {
+            let mut offset = start * class.slot_size;
+            let end = (start + count) * class.slot_size;
+            let zeros = AlignedBuf::zeroed(GROWTH_WRITE.min((end - offset) as usize));
+            while offset < end {
+                let piece = (zeros.len() as u64).min(end - offset) as usize;
+                let buf = if piece == zeros.len() {
+                    zeros.clone()
+                } else {
+                    AlignedBuf::zeroed(piece)
+                };
+                self.io
+                    .write_at(&class.file, offset, buf)
+                    .await
+                    .map_err(io_err(format!("grow {}", class.path.display())))?;
+                offset += piece as u64;
+            }
+            self.meta_writer
+                .commit(
+                    MetaChange::Grow {
+                        class: class_id,
+                        capacity: start + count,
+                        new_slots: start..start + count,
+                    },
+                    Some(class.file.clone()),
+                )
                 .await
-                .map_err(io_err(format!("grow {}", class.path.display())))?;
-            offset += piece as u64;
         }
-        self.meta_writer
-            .commit(
-                MetaChange::Grow {
-                    class: class_id,
-                    capacity: start + count,
-                    new_slots: start..start + count,
-                },
-                Some(class.file.clone()),
-            )
-            .await?;
+        .await;
+        if let Err(error) = grown {
+            // Give the space back (another process on the filesystem may have taken what the
+            // check saw), so that the reserve for metadata commits is there again.
+            let _ = class.file.set_len(start * class.slot_size);
+            return Err(error);
+        }
         slots.capacity = start + count;
         slots.free.extend(start + 1..start + count);
         Ok(start)

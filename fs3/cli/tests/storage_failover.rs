@@ -1,4 +1,5 @@
-//! kill -9 of a storage daemon in the middle of a write stream (1 mgmtd, 3 storage daemons,
+//! kill -9 of a storage daemon (the chain's head, then its tail) in the middle of a write stream (1
+//! mgmtd, 3 storage daemons,
 //! replication 3): every acknowledged write reads back; the dead daemon's target goes offline
 //! within the lease; writes continue on the other two; after a restart the target resyncs
 //! while writes continue, serves again, and all replicas end byte-identical.
@@ -95,7 +96,17 @@ async fn wait_progress(stream: &Stream, more: u64, timeout: Duration) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_storage_mid_stream_then_resync() {
+async fn kill_the_head_mid_stream_then_resync() {
+    kill_storage_mid_stream_then_resync(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_the_tail_mid_stream_then_resync() {
+    kill_storage_mid_stream_then_resync(2).await;
+}
+
+/// Kills the storage daemon holding the chain's target at `position` (0: head, 2: tail).
+async fn kill_storage_mid_stream_then_resync(position: usize) {
     let (dir, mut cluster) = cluster(1, 3).await;
     let client = Arc::new(cluster.chunk_client(Duration::from_secs(30)).unwrap());
     let chain = chains(&cluster).await[0];
@@ -105,8 +116,7 @@ async fn kill_storage_mid_stream_then_resync() {
         .iter()
         .map(|t| t.target_id)
         .collect();
-    // Kill the head: the write path itself breaks, not just a replica.
-    let victim_target = order[0];
+    let victim_target = order[position];
     let victim = cluster.spec().node_of(victim_target);
 
     let stream = Arc::new(Stream {

@@ -1,8 +1,8 @@
-//! kill -9 of a storage daemon (the chain's head, then its tail) in the middle of a write stream (1
-//! mgmtd, 3 storage daemons,
-//! replication 3): every acknowledged write reads back; the dead daemon's target goes offline
-//! within the lease; writes continue on the other two; after a restart the target resyncs
-//! while writes continue, serves again, and all replicas end byte-identical.
+//! kill -9 of a storage daemon (the chain's head, and in another test its tail) in the middle
+//! of a write stream (1 mgmtd, 3 storage daemons, replication 3): every acknowledged write reads
+//! back; the dead daemon's target goes offline within the lease; writes continue on the other
+//! two; after a restart the target resyncs while writes continue, serves again, and all
+//! replicas end byte-identical.
 
 #![allow(clippy::unwrap_used)]
 

@@ -326,24 +326,38 @@ impl ChunkClient {
         })
     }
 
-    /// The chunks stored on `target` (for comparing replicas).
+    /// The chunks stored on `target` (for comparing replicas), fetched page by page.
     pub async fn dump_meta(&self, target: u64) -> Result<Vec<ChunkMetaEntry>, ClientError> {
         let routing = self.routing.refresh().await?;
         let addr = routing
             .target_addr(target)
             .ok_or_else(|| ClientError::BadRequest(format!("target {target} is unknown")))?;
-        let call = Call {
-            method: method::DUMP_META,
-            header: DumpMetaRequest { target_id: target }.encode_to_vec().into(),
-            payload: Bytes::new(),
-        };
-        let reply = self
-            .net
-            .call(addr, call)
-            .await
-            .map_err(|e| ClientError::Unavailable(e.to_string()))?;
-        Ok(DumpMetaReply::decode(&reply.header[..])
-            .map_err(|e| ClientError::Protocol(format!("dump reply: {e}")))?
-            .chunks)
+        let mut chunks = Vec::new();
+        let mut after = None;
+        loop {
+            let call = Call {
+                method: method::DUMP_META,
+                header: DumpMetaRequest {
+                    target_id: target,
+                    after,
+                    limit: 0,
+                }
+                .encode_to_vec()
+                .into(),
+                payload: Bytes::new(),
+            };
+            let reply = self
+                .net
+                .call(addr, call)
+                .await
+                .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+            let page = DumpMetaReply::decode(&reply.header[..])
+                .map_err(|e| ClientError::Protocol(format!("dump reply: {e}")))?;
+            after = page.chunks.last().and_then(|c| c.chunk);
+            chunks.extend(page.chunks);
+            if !page.more || after.is_none() {
+                return Ok(chunks);
+            }
+        }
     }
 }

@@ -199,7 +199,8 @@ impl RoutingCache {
             })
             .await
             .map_err(|s| ClientError::Mgmtd(s.message().to_string()))?;
-        if !info.changed {
+        // A lagging mgmtd replica may know less than we do: routing never goes back.
+        if !info.changed || (current.from_mgmtd() && info.version < current.version()) {
             return Ok(current);
         }
         let routing = Arc::new(Routing::new(info));

@@ -395,7 +395,8 @@ impl StateMachine for MgmtdMachine {
 
     fn query(&self, txn: &ReadTransaction, query: Query) -> Result<RoutingInfo, StateMachineError> {
         let routing = load(txn)?.routing.unwrap_or_default();
-        if query.known_version == routing.version && query.known_version != 0 {
+        // A caller that knows this version or a newer one (this replica may lag) gets nothing.
+        if query.known_version >= routing.version && query.known_version != 0 {
             return Ok(RoutingInfo {
                 version: routing.version,
                 changed: false,

@@ -109,6 +109,7 @@ impl StorageDaemon {
             routing,
             net: Arc::new(NetClient::new(config.net.clone())),
             locks: Default::default(),
+            repairs: Default::default(),
             last_heartbeat: Mutex::new(None),
             isolation_timeout: config.isolation_timeout.get(),
             forward_timeout: config.net.request_timeout.get().mul_f64(0.6),
@@ -221,6 +222,9 @@ async fn heartbeats(storage: Arc<Storage>, addr: String, hostname: String, inter
                 })
                 .collect(),
         };
+        // mgmtd starts the lease when it receives the heartbeat, so the isolation clock starts
+        // no later than the sending.
+        let sent = Instant::now();
         let reply = storage
             .routing
             .mgmtd()
@@ -234,7 +238,7 @@ async fn heartbeats(storage: Arc<Storage>, addr: String, hostname: String, inter
                 *storage
                     .last_heartbeat
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                    .unwrap_or_else(|p| p.into_inner()) = Some(sent);
                 let known = storage.routing.current().version();
                 if reply.routing_version != known {
                     match storage.routing.refresh_after(known).await {

@@ -9,7 +9,7 @@
 //! the same lock, and reach the successor as whole-chunk content. Then sync-done tells the
 //! successor it is up to date, which it reports to mgmtd, which makes it serving.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -17,12 +17,12 @@ use ff_net::{Call, Transport};
 use fs3_client::routing::Routing;
 use fs3_proto::mgmtd::{LocalState, PublicState};
 use fs3_proto::storage::{
-    DumpMetaReply, DumpMetaRequest, ReadReply, ReadRequest, SyncDoneRequest, UpdateKind,
-    WriteRequest, method,
+    ChunkMetaEntry, DumpMetaReply, DumpMetaRequest, ReadReply, ReadRequest, SyncDoneRequest,
+    UpdateKind, WriteRequest, method,
 };
 use prost::Message as _;
 
-use crate::engine::{ChunkId, EngineError};
+use crate::engine::{ChunkId, ChunkMeta, ChunkVersion, EngineError};
 use crate::service::{Phase, Storage, Target};
 
 /// Moves local targets through the restart protocol as mgmtd's view of them changes. Routing
@@ -173,100 +173,148 @@ async fn call(
         .map_err(|e| e.to_string())
 }
 
-/// Copies every chunk `successor` lacks from `source`; returns how many were sent.
+/// A syncing successor's chunk list, fetched a page at a time, in id order.
+struct RemoteChunks<'a> {
+    storage: &'a Storage,
+    successor: u64,
+    page: std::collections::VecDeque<ChunkMetaEntry>,
+    after: Option<fs3_proto::storage::ChunkId>,
+    more: bool,
+}
+
+impl RemoteChunks<'_> {
+    async fn next(&mut self) -> Result<Option<(ChunkId, ChunkMetaEntry)>, String> {
+        if self.page.is_empty() && self.more {
+            let routing = self.storage.routing.current();
+            let reply = call(
+                self.storage,
+                &routing,
+                self.successor,
+                method::DUMP_META,
+                DumpMetaRequest {
+                    target_id: self.successor,
+                    after: self.after,
+                    limit: 0,
+                }
+                .encode_to_vec(),
+                Bytes::new(),
+            )
+            .await?;
+            let page =
+                DumpMetaReply::decode(&reply.header[..]).map_err(|e| format!("dump reply: {e}"))?;
+            self.after = page.chunks.last().and_then(|c| c.chunk);
+            self.more = page.more && self.after.is_some();
+            self.page = page.chunks.into();
+        }
+        Ok(self.page.pop_front().and_then(|entry| {
+            let chunk = entry.chunk?;
+            Some((
+                ChunkId {
+                    inode: chunk.inode,
+                    index: chunk.index,
+                },
+                entry,
+            ))
+        }))
+    }
+}
+
+/// The source's own chunk list, read a page at a time, in id order.
+struct LocalChunks<'a> {
+    target: &'a Target,
+    page: std::collections::VecDeque<(ChunkId, ChunkMeta)>,
+    after: Option<ChunkId>,
+    more: bool,
+}
+
+impl LocalChunks<'_> {
+    fn next(&mut self) -> Result<Option<(ChunkId, ChunkMeta)>, String> {
+        if self.page.is_empty() && self.more {
+            let page = self
+                .target
+                .engine
+                .list_after(self.after, SYNC_PAGE)
+                .map_err(|e| e.to_string())?;
+            self.more = page.len() == SYNC_PAGE;
+            self.after = page.last().map(|(id, _)| *id);
+            self.page = page.into();
+        }
+        Ok(self.page.pop_front())
+    }
+}
+
+/// Chunks of the source's own list held in memory at once during a sync.
+const SYNC_PAGE: usize = 1024;
+
+/// What a successor's copy of a chunk needs, judged from the two lists.
+fn successor_differs(local: &ChunkMeta, remote: &ChunkMetaEntry) -> bool {
+    match &local.committed {
+        // Only the successor has it committed: it goes.
+        None => true,
+        Some(committed) => {
+            committed.version != remote.committed_version
+                || committed.crc32c != remote.crc32c
+                // A stale pending version would make the successor answer "pending".
+                || remote.pending_version != 0
+        }
+    }
+}
+
+/// Brings the successor's copies up to the source's committed versions: walks both chunk lists
+/// in id order (a page at a time), and for each chunk that differs sends the committed content
+/// (installed there as committed) or, if the source has no committed version, a removal.
+/// Returns how many chunks were sent.
 async fn sync(
     storage: &Storage,
     source: &Arc<Target>,
     chain_id: u64,
     successor: u64,
 ) -> Result<usize, String> {
-    let routing = storage.routing.current();
-    let reply = call(
+    let mut remote = RemoteChunks {
         storage,
-        &routing,
         successor,
-        method::DUMP_META,
-        DumpMetaRequest {
-            target_id: successor,
-        }
-        .encode_to_vec(),
-        Bytes::new(),
-    )
-    .await?;
-    let remote: HashMap<ChunkId, (u64, u32)> = DumpMetaReply::decode(&reply.header[..])
-        .map_err(|e| format!("dump reply: {e}"))?
-        .chunks
-        .into_iter()
-        .filter_map(|c| {
-            let chunk = c.chunk?;
-            Some((
-                ChunkId {
-                    inode: chunk.inode,
-                    index: chunk.index,
-                },
-                (c.committed_version, c.crc32c),
-            ))
-        })
-        .collect();
-    let local = source.engine.list().map_err(|e| e.to_string())?;
+        page: Default::default(),
+        after: None,
+        more: true,
+    };
+    let mut local = LocalChunks {
+        target: source,
+        page: Default::default(),
+        after: None,
+        more: true,
+    };
+    let mut theirs = remote.next().await?;
+    let mut ours = local.next()?;
     let mut copied = 0;
-    let local_ids: HashSet<ChunkId> = local.iter().map(|(id, _)| *id).collect();
-    for (id, meta) in local {
-        let Some(committed) = meta.committed else {
-            continue;
+    loop {
+        // (chunk, whether the successor has it) for a chunk to bring over, if any.
+        let step = match (&ours, &theirs) {
+            (None, None) => break,
+            (Some((mine, meta)), Some((their_id, entry))) if mine == their_id => {
+                let step = successor_differs(meta, entry).then_some((*mine, true));
+                ours = local.next()?;
+                theirs = remote.next().await?;
+                step
+            }
+            (Some((mine, meta)), Some((their_id, _))) if mine < their_id => {
+                let step = meta.committed.is_some().then_some((*mine, false));
+                ours = local.next()?;
+                step
+            }
+            (Some((mine, meta)), None) => {
+                let step = meta.committed.is_some().then_some((*mine, false));
+                ours = local.next()?;
+                step
+            }
+            (_, Some((their_id, _))) => {
+                let step = Some((*their_id, true));
+                theirs = remote.next().await?;
+                step
+            }
         };
-        if remote.get(&id) == Some(&(committed.version, committed.crc32c)) {
-            continue;
+        if let Some((id, successor_has)) = step {
+            copied += bring_over(storage, source, chain_id, successor, id, successor_has).await?;
         }
-        let _lock = storage.locks.lock((source.id, id)).await;
-        // Re-read under the lock: a foreground write may have moved the chunk on.
-        let (version, content) = match source.engine.read_committed(id).await {
-            Ok((version, content)) => (version, content),
-            Err(crate::engine::EngineError::NotFound(_)) => continue,
-            Err(error) => return Err(error.to_string()),
-        };
-        send_recovery_write(
-            storage,
-            chain_id,
-            successor,
-            id,
-            UpdateKind::Replace,
-            version.version,
-            content.into(),
-        )
-        .await?;
-        storage
-            .metrics
-            .recovery
-            .with_label_values(&["synced"])
-            .inc();
-        copied += 1;
-    }
-    for id in remote.keys().filter(|id| !local_ids.contains(id)) {
-        let _lock = storage.locks.lock((source.id, *id)).await;
-        if source
-            .engine
-            .meta(*id)
-            .map_err(|e| e.to_string())?
-            .is_some()
-        {
-            continue; // created meanwhile by a foreground write, which reached the successor too
-        }
-        send_recovery_write(
-            storage,
-            chain_id,
-            successor,
-            *id,
-            UpdateKind::Remove,
-            0,
-            Bytes::new(),
-        )
-        .await?;
-        storage
-            .metrics
-            .recovery
-            .with_label_values(&["removed"])
-            .inc();
     }
     let routing = storage.routing.current();
     let chain_version = routing.chain(chain_id).map_or(0, |c| c.version);
@@ -287,13 +335,69 @@ async fn sync(
     Ok(copied)
 }
 
+/// Sends chunk `id`'s committed content to the successor (or removes it there if the source
+/// has no committed version and the successor has the chunk), under the source's chunk lock:
+/// foreground writes pass the same lock, so none is half-way meanwhile. Returns 1 if content
+/// was sent.
+async fn bring_over(
+    storage: &Storage,
+    source: &Target,
+    chain_id: u64,
+    successor: u64,
+    id: ChunkId,
+    successor_has: bool,
+) -> Result<usize, String> {
+    let _lock = storage.locks.lock((source.id, id)).await;
+    match source.engine.read_committed(id).await {
+        Ok((version, content)) => {
+            send_recovery_write(
+                storage,
+                chain_id,
+                successor,
+                id,
+                UpdateKind::Replace,
+                (version.version, version.write_id),
+                content.into(),
+            )
+            .await?;
+            storage
+                .metrics
+                .recovery
+                .with_label_values(&["synced"])
+                .inc();
+            Ok(1)
+        }
+        Err(EngineError::NotFound(_)) => {
+            if successor_has {
+                send_recovery_write(
+                    storage,
+                    chain_id,
+                    successor,
+                    id,
+                    UpdateKind::Remove,
+                    (0, 0),
+                    Bytes::new(),
+                )
+                .await?;
+                storage
+                    .metrics
+                    .recovery
+                    .with_label_values(&["removed"])
+                    .inc();
+            }
+            Ok(0)
+        }
+        Err(error) => Err(error.to_string()),
+    }
+}
+
 async fn send_recovery_write(
     storage: &Storage,
     chain_id: u64,
     successor: u64,
     id: ChunkId,
     kind: UpdateKind,
-    version: u64,
+    (version, write_id): (u64, u64),
     content: Bytes,
 ) -> Result<(), String> {
     let routing = storage.routing.current();
@@ -311,7 +415,7 @@ async fn send_recovery_write(
         kind: kind as i32,
         offset: 0,
         length: content.len() as u32,
-        write_id: 0,
+        write_id,
         version,
         sync: true,
     };
@@ -328,10 +432,26 @@ async fn send_recovery_write(
 }
 
 /// Replaces a local chunk that failed its checksum with the committed content of another
-/// serving replica of its chain.
+/// serving replica of its chain. One repair per chunk at a time: corrupt reads arriving while
+/// one runs do not start more.
 pub fn spawn_repair(storage: Arc<Storage>, target: Arc<Target>, chain_id: u64, id: ChunkId) {
+    let key = (target.id, id);
+    if !storage
+        .repairs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key)
+    {
+        return;
+    }
     tokio::spawn(async move {
-        match repair(&storage, &target, chain_id, id).await {
+        let result = repair(&storage, &target, chain_id, id).await;
+        storage
+            .repairs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        match result {
             Ok(None) => {}
             Ok(Some(peer)) => {
                 storage
@@ -346,28 +466,55 @@ pub fn spawn_repair(storage: Arc<Storage>, target: Arc<Target>, chain_id: u64, i
     });
 }
 
-/// Repairs `id` on `target` from a peer, unless the local copy is whole by now (another repair
-/// or a write got there first). Returns the peer repaired from. Holds the chunk's lock
-/// throughout, so no write to the chunk passes this replica meanwhile and the peers' committed
-/// version is the one the local copy should have.
+/// Repairs `id` on `target` from a peer holding the same committed version with the same
+/// checksum, unless the local copy is whole by now or has moved on. Returns the peer repaired
+/// from. The peer is read without holding the chunk's lock (writes are not held up behind a
+/// slow peer); the lock is taken to check again and install.
 async fn repair(
     storage: &Storage,
     target: &Target,
     chain_id: u64,
     id: ChunkId,
 ) -> Result<Option<u64>, String> {
-    let _lock = storage.locks.lock((target.id, id)).await;
-    let expected = match target.engine.read_committed(id).await {
-        Ok(_) => return Ok(None),
-        Err(EngineError::Corrupt { .. }) => target
+    let committed = |target: &Target| -> Result<Option<ChunkVersion>, String> {
+        Ok(target
             .engine
             .meta(id)
             .map_err(|e| e.to_string())?
-            .and_then(|m| m.committed)
-            .map(|c| c.version)
-            .ok_or_else(|| "the chunk has no committed version any more".to_string())?,
-        Err(error) => return Err(error.to_string()),
+            .and_then(|m| m.committed))
     };
+    let Some(expected) = committed(target)? else {
+        return Ok(None);
+    };
+    match target.engine.read_committed(id).await {
+        Ok(_) => return Ok(None),
+        Err(EngineError::Corrupt { .. }) => {}
+        Err(error) => return Err(error.to_string()),
+    }
+    let (peer, content) = fetch_from_peer(storage, target, chain_id, id, &expected).await?;
+    let _lock = storage.locks.lock((target.id, id)).await;
+    let now = committed(target)?;
+    if now.as_ref().map(|c| (c.version, c.write_id)) != Some((expected.version, expected.write_id))
+        || target.engine.read_committed(id).await.is_ok()
+    {
+        return Ok(None);
+    }
+    target
+        .engine
+        .install(id, expected.version, expected.write_id, &content)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Some(peer))
+}
+
+/// The content of `expected` (same version, same checksum) from a serving peer of the chain.
+async fn fetch_from_peer(
+    storage: &Storage,
+    target: &Target,
+    chain_id: u64,
+    id: ChunkId,
+    expected: &ChunkVersion,
+) -> Result<(u64, Bytes), String> {
     let routing = storage.routing.current();
     let chain = routing
         .chain(chain_id)
@@ -404,19 +551,15 @@ async fn repair(
             Ok(reply) => {
                 let meta =
                     ReadReply::decode(&reply.header[..]).map_err(|e| format!("read reply: {e}"))?;
-                if meta.version != expected {
+                let content = Bytes::copy_from_slice(&reply.payload);
+                if meta.version != expected.version || crc32c::crc32c(&content) != expected.crc32c {
                     last = format!(
-                        "target {peer} holds version {}, not {expected}",
+                        "target {peer} holds version {} with other content",
                         meta.version
                     );
                     continue;
                 }
-                target
-                    .engine
-                    .install(id, meta.version, 0, &reply.payload)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                return Ok(Some(peer));
+                return Ok((peer, content));
             }
             Err(error) => last = format!("target {peer}: {error}"),
         }

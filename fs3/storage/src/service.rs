@@ -27,7 +27,7 @@ use fs3_proto::storage::{
 use prost::Message as _;
 
 use crate::engine::locks::KeyLocks;
-use crate::engine::{Apply, ChunkEngine, ChunkId, EngineError, Update};
+use crate::engine::{Apply, ChunkEngine, ChunkId, ChunkVersion, EngineError, Update};
 use crate::metrics::StorageMetrics;
 
 /// Where a local target stands in the restart and recovery protocol.
@@ -92,6 +92,8 @@ pub struct Storage {
     pub net: Arc<NetClient>,
     /// Per (target, chunk) locks held for a whole chain write or chunk copy.
     pub locks: KeyLocks<(u64, ChunkId)>,
+    /// Repairs running, by (target, chunk).
+    pub repairs: Mutex<std::collections::HashSet<(u64, ChunkId)>>,
     /// When mgmtd last accepted a heartbeat.
     pub last_heartbeat: Mutex<Option<Instant>>,
     /// Beyond this without a heartbeat, stop serving.
@@ -101,6 +103,9 @@ pub struct Storage {
     /// Metrics.
     pub metrics: StorageMetrics,
 }
+
+/// Most chunk entries in one DUMP_META reply (~40 bytes each, well under a frame's header).
+pub const DUMP_PAGE: usize = 4096;
 
 fn fault(code: u16, message: impl Into<String>) -> Fault {
     Fault {
@@ -200,7 +205,7 @@ impl Storage {
         Ok((routing, chain))
     }
 
-    async fn write(&self, request: Request) -> Result<Reply, Fault> {
+    async fn write(self: &Arc<Self>, request: Request) -> Result<Reply, Fault> {
         let header = WriteRequest::decode(&request.header[..])
             .map_err(|e| bad(format!("write header: {e}")))?;
         let id = chunk_id(header.chunk)?;
@@ -276,13 +281,36 @@ impl Storage {
         }
         // The tail has no successor to wait for: it records the write as committed at once.
         let is_tail = position + 1 == path.len();
-        let (version, update) = if position == 0 {
-            let committed = target
+        let staged = if position == 0 {
+            if header.write_id == 0 {
+                return Err(bad("write id 0 is reserved"));
+            }
+            let meta = target
                 .engine
                 .meta(id)
                 .map_err(engine_fault)?
-                .and_then(|m| m.committed)
-                .map_or(0, |c| c.version);
+                .unwrap_or_default();
+            if let Some(done) = meta
+                .committed
+                .as_ref()
+                .filter(|c| c.write_id == header.write_id)
+            {
+                // A retry of a write the chain has committed (its reply was lost).
+                return Ok(write_reply(done.version, done.length, done.crc32c));
+            }
+            let committed = match meta.pending.filter(|p| p.write_id != header.write_id) {
+                // An earlier write failed after this head staged it, and may have been
+                // committed downstream (and read there): finish it before building on it.
+                Some(stale) => {
+                    self.roll_forward(&chain, &target, id, is_tail, &stale)
+                        .await?;
+                    stale.version
+                }
+                None => meta.committed.as_ref().map_or(0, |c| c.version),
+            };
+            let version = committed
+                .checked_add(1)
+                .ok_or_else(|| bad(format!("chunk {id} has no versions left")))?;
             let update = match kind {
                 UpdateKind::Write => Update::Write {
                     offset: header.offset,
@@ -292,22 +320,30 @@ impl Storage {
                 UpdateKind::Truncate => Update::Truncate(header.length),
                 UpdateKind::Remove => return Err(bad("remove handled above")),
             };
-            (committed + 1, update)
-        } else {
-            // Replicas behind the head take the whole content and the head's version.
-            (header.version, Update::Replace(payload))
-        };
-        let how = Apply {
-            forced: position != 0,
-            commit: is_tail,
-        };
-        let stage = target
-            .engine
-            .apply(id, version, header.write_id, update, how);
-        let staged = if is_tail {
-            stage.await.map_err(engine_fault)?
-        } else {
-            let forward = |content| {
+            let how = Apply {
+                forced: false,
+                commit: is_tail,
+            };
+            // The head stores its version before passing it on: successors must never hold a
+            // version the head lacks, or the head would later reuse its number.
+            let staged = target
+                .engine
+                .apply(id, version, header.write_id, update, how)
+                .await
+                .map_err(|error| self.engine_fault_repairing(&target, chain.id, id, error))?;
+            if !is_tail {
+                let content = if kind == UpdateKind::Replace {
+                    Bytes::copy_from_slice(payload)
+                } else {
+                    // A partial write's or truncate's new content was assembled by the engine.
+                    Bytes::from(
+                        target
+                            .engine
+                            .read_pending(id, staged.version)
+                            .await
+                            .map_err(engine_fault)?,
+                    )
+                };
                 self.forward(
                     &chain,
                     target.id,
@@ -317,36 +353,50 @@ impl Storage {
                     header.write_id,
                     content,
                 )
+                .await?;
+            }
+            staged
+        } else {
+            // Replicas behind the head take the whole content at the head's version.
+            let how = Apply {
+                forced: true,
+                commit: is_tail,
             };
-            let staged = if position == 0 && kind != UpdateKind::Replace {
-                // A partial write's or truncate's new content is assembled by the engine: stage
-                // it, read it back, then pass it on.
-                let staged = stage.await.map_err(engine_fault)?;
-                let content = target
-                    .engine
-                    .read_pending(id, staged.version)
-                    .await
-                    .map_err(engine_fault)?;
-                forward(Bytes::from(content)).await?;
-                staged
+            let stage = target.engine.apply(
+                id,
+                header.version,
+                header.write_id,
+                Update::Replace(payload),
+                how,
+            );
+            if is_tail {
+                stage.await.map_err(engine_fault)?
             } else {
-                // The whole content is the payload: store it here while the successors store
-                // theirs, so the chain writes in parallel rather than one replica after another.
-                // If only the forward succeeds, a retry (same write id) finds the successors
-                // done and stages here again.
-                let (staged, forwarded) =
-                    tokio::join!(stage, forward(Bytes::copy_from_slice(payload)));
+                // Store it here while the successors store theirs, so the replicas write in
+                // parallel. If only the forward succeeds, the head keeps the write pending and
+                // finishes it before its next write to the chunk.
+                let forward = self.forward(
+                    &chain,
+                    target.id,
+                    id,
+                    UpdateKind::Replace,
+                    header.version,
+                    header.write_id,
+                    Bytes::copy_from_slice(payload),
+                );
+                let (staged, forwarded) = tokio::join!(stage, forward);
                 let staged = staged.map_err(engine_fault)?;
                 forwarded?;
                 staged
-            };
+            }
+        };
+        if !is_tail {
             target
                 .engine
                 .commit(id, staged.version)
                 .await
                 .map_err(engine_fault)?;
-            staged
-        };
+        }
         if position == 0 {
             self.metrics
                 .bytes
@@ -354,6 +404,57 @@ impl Storage {
                 .inc_by(payload.len() as u64);
         }
         Ok(write_reply(staged.version, staged.length, staged.crc32c))
+    }
+
+    /// Finishes a write this head staged but could not complete: passes its content down the
+    /// chain again (successors that have it answer at once) and commits it here.
+    async fn roll_forward(
+        &self,
+        chain: &Chain,
+        target: &Target,
+        id: ChunkId,
+        is_tail: bool,
+        stale: &ChunkVersion,
+    ) -> Result<(), Fault> {
+        if !is_tail {
+            let content = target
+                .engine
+                .read_pending(id, stale.version)
+                .await
+                .map_err(engine_fault)?;
+            self.forward(
+                chain,
+                target.id,
+                id,
+                UpdateKind::Replace,
+                stale.version,
+                stale.write_id,
+                Bytes::from(content),
+            )
+            .await?;
+        }
+        target
+            .engine
+            .commit(id, stale.version)
+            .await
+            .map_err(engine_fault)?;
+        tracing::info!(target = target.id, chunk = %id, version = stale.version, "finished an interrupted write");
+        Ok(())
+    }
+
+    /// [`engine_fault`], starting a repair when the local copy turned out to be corrupt.
+    fn engine_fault_repairing(
+        self: &Arc<Self>,
+        target: &Arc<Target>,
+        chain_id: u64,
+        id: ChunkId,
+        error: EngineError,
+    ) -> Fault {
+        if matches!(error, EngineError::Corrupt { .. }) {
+            tracing::warn!(target = target.id, %error, "corrupt chunk; repairing from a replica");
+            crate::recovery::spawn_repair(self.clone(), target.clone(), chain_id, id);
+        }
+        engine_fault(error)
     }
 
     /// Passes a write to the successor of `from` in chain `chain`, following chain changes,
@@ -482,12 +583,7 @@ impl Storage {
                     payload: outcome.data.into(),
                 })
             }
-            Err(error @ EngineError::Corrupt { .. }) => {
-                tracing::warn!(target = target.id, %error, "corrupt chunk; repairing from a replica");
-                crate::recovery::spawn_repair(self.clone(), target.clone(), chain.id, id);
-                Err(engine_fault(error))
-            }
-            Err(error) => Err(engine_fault(error)),
+            Err(error) => Err(self.engine_fault_repairing(&target, chain.id, id, error)),
         }
     }
 
@@ -495,10 +591,22 @@ impl Storage {
         let header = DumpMetaRequest::decode(&request.header[..])
             .map_err(|e| bad(format!("dump header: {e}")))?;
         let target = self.target(header.target_id)?;
-        let chunks = target
+        let limit = match header.limit as usize {
+            0 => DUMP_PAGE,
+            n => n.min(DUMP_PAGE),
+        };
+        let after = header.after.map(|c| ChunkId {
+            inode: c.inode,
+            index: c.index,
+        });
+        // One more than asked tells whether more follow.
+        let mut page = target
             .engine
-            .list()
-            .map_err(engine_fault)?
+            .list_after(after, limit + 1)
+            .map_err(engine_fault)?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let chunks = page
             .into_iter()
             .map(|(id, meta)| ChunkMetaEntry {
                 chunk: Some(wire_chunk(id)),
@@ -509,7 +617,7 @@ impl Storage {
             })
             .collect();
         Ok(Reply {
-            header: DumpMetaReply { chunks }.encode_to_vec().into(),
+            header: DumpMetaReply { chunks, more }.encode_to_vec().into(),
             payload: Bytes::new(),
         })
     }

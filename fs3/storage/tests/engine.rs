@@ -193,6 +193,30 @@ async fn pending_versions_follow_craq_rules() {
         engine.commit(id, 3).await,
         Err(EngineError::NotPending { .. })
     ));
+    // A replica behind the head takes any newer version, but never one it has committed with
+    // another write (that would give one version two contents across the chain); the same
+    // write again is recognised as already done.
+    assert!(matches!(
+        engine.stage_replace_forced(id, 2, 99, b"other").await,
+        Err(EngineError::VersionMismatch {
+            committed: 2,
+            got: 2,
+            ..
+        })
+    ));
+    assert!(matches!(
+        engine.stage_replace_forced(id, 1, 11, b"one").await,
+        Err(EngineError::VersionMismatch { got: 1, .. })
+    ));
+    assert_eq!(
+        engine
+            .stage_replace_forced(id, 2, 23, b"deux")
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    assert_eq!(engine.read(id, 0, 10).await.unwrap().pending, None);
     engine
         .stage(id, 3, 33, Update::Replace(b"three"))
         .await

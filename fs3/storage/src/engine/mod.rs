@@ -118,7 +118,8 @@ pub enum EngineError {
         /// The pending version.
         version: u64,
     },
-    /// A write for a version that does not follow the committed one.
+    /// A write for a version that does not follow (or, from a predecessor, exceed) the
+    /// committed one.
     #[error("chunk {chunk}: version {got} does not follow committed version {committed}")]
     VersionMismatch {
         /// The chunk.
@@ -384,10 +385,29 @@ impl ChunkEngine {
 
     /// Every chunk's metadata, in id order (for comparing replicas and resync).
     pub fn list(&self) -> Result<Vec<(ChunkId, ChunkMeta)>, EngineError> {
+        self.list_after(None, usize::MAX)
+    }
+
+    /// Up to `limit` chunks in id order, starting after `after` (from the first with None):
+    /// the page-by-page form of [`ChunkEngine::list`], for targets with many chunks.
+    pub fn list_after(
+        &self,
+        after: Option<ChunkId>,
+        limit: usize,
+    ) -> Result<Vec<(ChunkId, ChunkMeta)>, EngineError> {
         let txn = self.db.begin_read().map_err(meta_err("begin read"))?;
         let table = txn.open_table(CHUNKS).map_err(meta_err("open chunks"))?;
+        let start = after.map(|id| id.key());
+        let range = match &start {
+            Some(key) => table.range::<&[u8]>((
+                std::ops::Bound::Excluded(key.as_slice()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => table.range::<&[u8]>(..),
+        }
+        .map_err(meta_err("scan chunks"))?;
         let mut chunks = Vec::new();
-        for item in table.iter().map_err(meta_err("scan chunks"))? {
+        for item in range.take(limit) {
             let (key, value) = item.map_err(meta_err("read chunk"))?;
             let id = ChunkId::from_key(key.value())
                 .ok_or_else(|| EngineError::Meta("chunk key is not 16 bytes".to_string()))?;
@@ -580,7 +600,14 @@ impl ChunkEngine {
             return Ok(pending);
         }
         let committed = meta.committed.as_ref().map_or(0, |c| c.version);
-        if !how.forced && version != committed + 1 {
+        // A replica takes its predecessor's version, but never one it has committed already
+        // with other content (that would give one version two contents across replicas).
+        let acceptable = if how.forced {
+            version > committed
+        } else {
+            Some(version) == committed.checked_add(1)
+        };
+        if !acceptable {
             return Err(EngineError::VersionMismatch {
                 chunk: id,
                 committed,

@@ -5,7 +5,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure().compile_with_config(
         config,
-        &["proto/mgmtd.proto", "proto/storage.proto"],
+        &[
+            "proto/mgmtd.proto",
+            "proto/meta.proto",
+            "proto/storage.proto",
+        ],
         &["proto"],
     )?;
     Ok(())

@@ -27,6 +27,7 @@ mod log_writer;
 mod logging;
 mod metrics;
 mod node;
+pub mod records;
 mod request_id;
 mod service;
 mod snapshot;

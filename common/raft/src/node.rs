@@ -331,6 +331,19 @@ impl<S: StateMachine> RaftNode<S> {
         self.core.wait_for_leader(timeout).await
     }
 
+    /// `Ok` on the leader; elsewhere a not-leader status (with a hint to the leader when one is
+    /// known), for requests only the leader of `service` answers.
+    pub fn require_leader(&self, service: &str) -> Result<(), tonic::Status> {
+        let current = self.status();
+        if current.role == Role::Leader {
+            return Ok(());
+        }
+        Err(ff_rpc::not_leader(
+            format!("this {service} replica is not the leader"),
+            current.leader_hint().as_ref(),
+        ))
+    }
+
     /// Proposes `command` and returns the state machine's response once it is applied. Called
     /// on a follower, the proposal is forwarded to the leader. Retries across leader changes
     /// reuse one request id, so the command is applied at most once.

@@ -5,6 +5,7 @@
 //! - [`LeaderHint`], [`not_leader`], [`leader_hint`]: the one convention by which a replica of a
 //!   Raft-backed service tells a client where the leader is (status code `UNAVAILABLE` with
 //!   `ff-leader-id` / `ff-leader-addr` metadata).
+//! - [`with_token`], [`token_of`]: how a client's token travels (`authorization: Bearer ...`).
 //! - [`LeaderClient`]: a client over a list of endpoints that follows leader hints, fails over on
 //!   unreachable endpoints, and retries with bounded, jittered backoff until a deadline.
 
@@ -16,6 +17,29 @@ use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+/// Metadata key carrying a client's token (`Bearer <token>`).
+pub const TOKEN_KEY: &str = "authorization";
+
+/// Attaches `token` to `request` (nothing when it is empty).
+pub fn with_token<T>(mut request: tonic::Request<T>, token: &str) -> tonic::Request<T> {
+    if !token.is_empty()
+        && let Ok(value) = MetadataValue::try_from(format!("Bearer {token}"))
+    {
+        request.metadata_mut().insert(TOKEN_KEY, value);
+    }
+    request
+}
+
+/// The token a request carries, if any.
+pub fn token_of<T>(request: &tonic::Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get(TOKEN_KEY)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
 
 /// Metadata key carrying the leader's node id in a not-leader status.
 pub const LEADER_ID_KEY: &str = "ff-leader-id";
@@ -320,6 +344,13 @@ mod tests {
         assert_eq!(leader_hint(&status), Some(hint));
         assert_eq!(leader_hint(&not_leader("no leader", None)), None);
         assert_eq!(leader_hint(&Status::internal("x")), None);
+    }
+
+    #[test]
+    fn tokens_travel_in_metadata() {
+        let request = with_token(tonic::Request::new(()), "s3cret");
+        assert_eq!(token_of(&request), Some("s3cret"));
+        assert_eq!(token_of(&with_token(tonic::Request::new(()), "")), None);
     }
 
     #[test]

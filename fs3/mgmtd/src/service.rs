@@ -37,6 +37,8 @@ struct Liveness {
     nodes: HashMap<u64, Instant>,
     /// Last reported local state per target.
     targets: HashMap<u64, LocalState>,
+    /// Last reported (capacity, free bytes) per target.
+    space: HashMap<u64, (u64, u64)>,
 }
 
 /// The mgmtd API of one replica.
@@ -153,21 +155,7 @@ impl MgmtdApi {
     }
 
     fn not_leader(&self) -> Option<Status> {
-        let current = self.node.status();
-        if current.role == Role::Leader {
-            return None;
-        }
-        let hint = current
-            .leader_addr
-            .filter(|_| current.leader_id != 0)
-            .map(|addr| ff_rpc::LeaderHint {
-                id: current.leader_id,
-                addr,
-            });
-        Some(ff_rpc::not_leader(
-            "this mgmtd replica is not the leader",
-            hint.as_ref(),
-        ))
+        self.node.require_leader("mgmtd").err()
     }
 
     /// One run of the failure detector (leader only); returns how many chains it changed.
@@ -289,6 +277,8 @@ impl Mgmtd for MgmtdApi {
                     if let Some(state) = to_local(target.state) {
                         live.targets.insert(target.target_id, state);
                     }
+                    live.space
+                        .insert(target.target_id, (target.capacity_bytes, target.free_bytes));
                 }
             }
             // Registration goes through raft only when something is new.
@@ -429,9 +419,15 @@ impl Mgmtd for MgmtdApi {
             let targets = live
                 .targets
                 .iter()
-                .map(|(id, state)| TargetStatus {
-                    target_id: *id,
-                    local_state: to_wire_local(*state),
+                .map(|(id, state)| {
+                    let (capacity_bytes, free_bytes) =
+                        live.space.get(id).copied().unwrap_or_default();
+                    TargetStatus {
+                        target_id: *id,
+                        local_state: to_wire_local(*state),
+                        capacity_bytes,
+                        free_bytes,
+                    }
                 })
                 .collect();
             Ok(Response::new(ListNodesReply { nodes, targets }))

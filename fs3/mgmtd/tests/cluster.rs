@@ -91,6 +91,7 @@ async fn heartbeat(client: &LeaderClient, node: u64, state: LocalState) {
                 target_id: node * 100 + t,
                 state: state as i32,
                 path: format!("/data/{t}"),
+                ..TargetReport::default()
             })
             .collect(),
     };

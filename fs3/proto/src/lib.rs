@@ -6,6 +6,12 @@ pub mod mgmtd {
     tonic::include_proto!("fs3.mgmtd.v1");
 }
 
+/// The metadata service's API and replicated state.
+pub mod meta {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("fs3.meta.v1");
+}
+
 /// The storage data plane: headers of ff-net frames.
 pub mod storage {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]

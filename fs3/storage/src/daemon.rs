@@ -215,10 +215,15 @@ async fn heartbeats(storage: Arc<Storage>, addr: String, hostname: String, inter
             targets: storage
                 .targets
                 .values()
-                .map(|t| TargetReport {
-                    target_id: t.id,
-                    state: local_state(t.phase()) as i32,
-                    path: t.path.display().to_string(),
+                .map(|t| {
+                    let (capacity_bytes, free_bytes) = disk_space(&t.path);
+                    TargetReport {
+                        target_id: t.id,
+                        state: local_state(t.phase()) as i32,
+                        path: t.path.display().to_string(),
+                        capacity_bytes,
+                        free_bytes,
+                    }
                 })
                 .collect(),
         };
@@ -260,5 +265,20 @@ async fn recovery(storage: Arc<Storage>, interval: Duration) {
         ticker.tick().await;
         update_phases(&storage, &storage.routing.current());
         start_syncs(&storage, &syncs);
+    }
+}
+
+/// Size and free space (for unprivileged users) of the filesystem holding `path`; zeros when
+/// it cannot be read (the report then says nothing about space).
+fn disk_space(path: &std::path::Path) -> (u64, u64) {
+    match nix::sys::statvfs::statvfs(path) {
+        Ok(vfs) => {
+            let unit = vfs.fragment_size();
+            (
+                vfs.blocks().saturating_mul(unit),
+                vfs.blocks_available().saturating_mul(unit),
+            )
+        }
+        Err(_) => (0, 0),
     }
 }

@@ -1,7 +1,8 @@
 //! The replicated key-value state machine: one redb table, key -> (version, value).
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 
+use ff_raft::records::{read_record, write_record};
 use ff_raft::redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use ff_raft::{ApplyContext, StateMachine, StateMachineError};
 
@@ -123,13 +124,12 @@ impl StateMachine for KvMachine {
         let table = txn.open_table(KV)?;
         for item in table.iter()? {
             let (key, value) = item?;
-            let key = key.value();
             let (version, bytes) = value.value();
-            out.write_all(&(key.len() as u32).to_le_bytes())?;
-            out.write_all(key)?;
-            out.write_all(&version.to_le_bytes())?;
-            out.write_all(&(bytes.len() as u32).to_le_bytes())?;
-            out.write_all(bytes)?;
+            // The value record is the version (8 bytes LE) followed by the value.
+            let mut record = Vec::with_capacity(8 + bytes.len());
+            record.extend_from_slice(&version.to_le_bytes());
+            record.extend_from_slice(bytes);
+            write_record(out, key.value(), &record)?;
         }
         Ok(())
     }
@@ -141,59 +141,12 @@ impl StateMachine for KvMachine {
     ) -> Result<(), StateMachineError> {
         let mut table = txn.open_table(KV)?;
         table.retain(|_, _| false)?;
-        loop {
-            let mut len = [0u8; 4];
-            if !read_exact_or_eof(input, &mut len)? {
-                return Ok(());
-            }
-            let key = read_vec(input, u32::from_le_bytes(len) as usize, MAX_KEY_SIZE, "key")?;
-            let mut version = [0u8; 8];
-            input.read_exact(&mut version)?;
-            input.read_exact(&mut len)?;
-            let value = read_vec(
-                input,
-                u32::from_le_bytes(len) as usize,
-                MAX_VALUE_SIZE,
-                "value",
-            )?;
-            table.insert(
-                key.as_slice(),
-                (u64::from_le_bytes(version), value.as_slice()),
-            )?;
+        while let Some((key, record)) = read_record(input, MAX_KEY_SIZE, 8 + MAX_VALUE_SIZE)? {
+            let (version, value) = record.split_first_chunk::<8>().ok_or_else(|| {
+                StateMachineError::Corrupt("value record shorter than its version".to_string())
+            })?;
+            table.insert(key.as_slice(), (u64::from_le_bytes(*version), value))?;
         }
+        Ok(())
     }
-}
-
-/// Fills `buf`; `Ok(false)` on a clean end of input before the first byte.
-fn read_exact_or_eof(input: &mut dyn Read, buf: &mut [u8]) -> io::Result<bool> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match input.read(&mut buf[filled..])? {
-            0 if filled == 0 => return Ok(false),
-            0 => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "truncated record",
-                ));
-            }
-            n => filled += n,
-        }
-    }
-    Ok(true)
-}
-
-fn read_vec(
-    input: &mut dyn Read,
-    len: usize,
-    max: usize,
-    what: &str,
-) -> Result<Vec<u8>, StateMachineError> {
-    if len > max {
-        return Err(StateMachineError::Corrupt(format!(
-            "{what} of {len} bytes exceeds {max}"
-        )));
-    }
-    let mut buf = vec![0u8; len];
-    input.read_exact(&mut buf)?;
-    Ok(buf)
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use ff_config::DaemonConfig;
+use fs3_meta::{Meta, MetaConfig};
 use fs3_mgmtd::{Mgmtd, MgmtdConfig};
 use fs3_storage::{StorageConfig, StorageDaemon};
 
@@ -29,6 +30,8 @@ enum Cmd {
     Mgmtd(DaemonArgs),
     /// Run a storage daemon (its targets, CRAQ replication and recovery).
     Storage(DaemonArgs),
+    /// Run a metadata service replica (the namespace).
+    Meta(DaemonArgs),
     /// Run a whole local cluster (mgmtd and storage daemons as processes) until Ctrl-C.
     Up {
         /// Directory for configs, data and logs; reused by later runs.
@@ -165,6 +168,19 @@ async fn stop_signal(exit_with_parent: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits for a stop signal, or for the raft node to stop on its own (returning why).
+async fn until_stopped<S: ff_raft::StateMachine>(
+    node: &ff_raft::RaftNode<S>,
+    exit_with_parent: bool,
+) -> anyhow::Result<Option<String>> {
+    let failure = tokio::select! {
+        stop = stop_signal(exit_with_parent) => { stop?; None }
+        reason = node.stopped() => Some(reason),
+    };
+    tracing::info!("stopping");
+    Ok(failure)
+}
+
 /// A daemon's validated config from its file (and the environment), logging set up; or, with
 /// `--print-default-config`, the documented template printed and nothing to run.
 fn daemon_config<C: DaemonConfig>(args: &DaemonArgs) -> anyhow::Result<Option<C>> {
@@ -183,17 +199,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             };
             let mgmtd = Mgmtd::start(config).await?;
-            let node = mgmtd.daemon().node().clone();
-            let failure = tokio::select! {
-                stop = stop_signal(args.exit_with_parent) => { stop?; None }
-                reason = node.stopped() => Some(reason),
-            };
-            tracing::info!("stopping");
+            let failure = until_stopped(mgmtd.daemon().node(), args.exit_with_parent).await?;
             mgmtd.shutdown().await;
-            if let Some(reason) = failure {
-                bail!("raft node stopped: {reason}");
-            }
-            Ok(())
+            failure.map_or(Ok(()), |reason| bail!("raft node stopped: {reason}"))
+        }
+        Cmd::Meta(args) => {
+            let Some(config) = daemon_config::<MetaConfig>(&args)? else {
+                return Ok(());
+            };
+            let meta = Meta::start(config).await?;
+            let failure = until_stopped(meta.daemon().node(), args.exit_with_parent).await?;
+            meta.shutdown().await;
+            failure.map_or(Ok(()), |reason| bail!("raft node stopped: {reason}"))
         }
         Cmd::Storage(args) => {
             let Some(config) = daemon_config::<StorageConfig>(&args)? else {

@@ -2,9 +2,16 @@
 //!
 //! - [`routing`]: mgmtd's routing information, indexed, cached and refreshed on staleness.
 //! - [`chunks`]: chunk reads and writes over CRAQ chains.
+//! - [`fs`]: the file-system client (namespace through meta, file data through chunks).
 
 pub mod chunks;
+pub mod fs;
 pub mod routing;
+
+pub use fs::{Fs3, Fs3Options, FsError, WriteSession};
+
+/// The root directory's inode id.
+pub const ROOT: u64 = 1;
 
 pub use chunks::{ChunkClient, ChunkData, ChunkUpdate};
 pub use routing::{Routing, RoutingCache};

@@ -15,7 +15,7 @@ use crate::keys;
 use crate::perm::{self, EXEC, READ, SET_GID, SET_UID, WRITE};
 
 /// The root directory's inode id.
-pub const ROOT: u64 = 1;
+pub const ROOT: u64 = fs3_client::ROOT;
 /// Longest name in a directory (as Linux's NAME_MAX).
 pub const NAME_MAX: usize = 255;
 /// Longest symlink target (as Linux's PATH_MAX).

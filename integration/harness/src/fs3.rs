@@ -1,10 +1,11 @@
-//! A local fs3 cluster as real processes on loopback: mgmtd replicas (a raft group) and storage
-//! daemons with one or more targets each, all started from the `fs3` binary with generated
-//! configs. What the fs3 end-to-end tests kill with SIGKILL, what `fs3 bench storage` measures,
+//! A local fs3 cluster as real processes on loopback: mgmtd replicas (a raft group), storage
+//! daemons with one or more targets each, and meta replicas (another raft group), all started
+//! from the `fs3` binary with generated configs. What the fs3 end-to-end tests kill with SIGKILL, what `fs3 bench storage` measures,
 //! and what `fireflyer up` starts.
 //!
 //! Layout under the cluster directory: `mgmtd-N.toml`, `mgmtd-N/` (raft data), `mgmtd-N.log`,
-//! `storage-N.toml`, `storage-N.log`; targets live in `TARGET_ROOT/storage-N/target-ID/`.
+//! `storage-N.toml`, `storage-N.log`, `meta-N.toml`, `meta-N/` (raft data and, on meta-1, the
+//! administrator's token `admin.token`), `meta-N.log`; targets live in `TARGET_ROOT/storage-N/target-ID/`.
 //! Configs are written once: starting again on the same directory brings back the same
 //! cluster with its data.
 
@@ -17,8 +18,10 @@ use ff_raft::proto::StatusRequest;
 use ff_raft::proto::raft_client::RaftClient;
 use ff_raft::{MemberConfig, RaftConfig};
 use ff_rpc::{ClientOptions, LeaderClient};
-use fs3_client::{ChunkClient, RoutingCache};
+use fs3_client::{ChunkClient, Fs3, Fs3Options, RoutingCache};
+use fs3_meta::MetaConfig;
 use fs3_mgmtd::MgmtdConfig;
+use fs3_proto::meta::{ChainTableQuery, Credentials, query};
 use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
 use fs3_proto::mgmtd::{
     BootstrapRequest, GetRoutingRequest, ListNodesRequest, LocalState, PublicState, RoutingInfo,
@@ -31,6 +34,9 @@ use crate::{NotReady, ensure_free, wait_for};
 
 /// The chain table a new cluster is bootstrapped into.
 pub const TABLE_ID: u64 = 1;
+
+/// meta replica N registers at mgmtd as node `META_NODE_BASE + N` (storage daemons are 1..).
+pub const META_NODE_BASE: u64 = 1000;
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -51,8 +57,14 @@ pub struct Fs3ClusterSpec {
     pub replication: u32,
     /// First of a block of [`Fs3ClusterSpec::port_count`] consecutive free loopback ports.
     pub base_port: u16,
+    /// meta replicas (0: none; the namespace is then unavailable).
+    pub meta_replicas: u64,
     /// Whether every daemon serves `/metrics` (on ports after the service ports).
     pub metrics: bool,
+    /// How long meta keeps an unlinked file's chunks.
+    pub gc_delay: Duration,
+    /// How long meta keeps a silent client's write sessions.
+    pub session_lease: Duration,
     /// mgmtd's lease: a storage daemon silent this long has its targets taken offline.
     pub lease: Duration,
     /// mgmtd raft tick (elections take about ten ticks).
@@ -81,7 +93,10 @@ impl Fs3ClusterSpec {
             targets_per_node: 1,
             replication,
             base_port,
+            meta_replicas: 0,
             metrics: true,
+            gc_delay: Duration::from_secs(2),
+            session_lease: Duration::from_secs(10),
             lease: Duration::from_secs(3),
             raft_tick: Duration::from_millis(50),
             engine: EngineConfig {
@@ -96,7 +111,7 @@ impl Fs3ClusterSpec {
 
     /// How many consecutive ports the cluster uses from `base_port`.
     pub fn port_count(&self) -> u16 {
-        let services = self.mgmtd_replicas + self.storage_nodes;
+        let services = self.mgmtd_replicas + self.storage_nodes + self.meta_replicas;
         let total = if self.metrics { services * 2 } else { services };
         u16::try_from(total).unwrap_or(u16::MAX)
     }
@@ -113,9 +128,13 @@ impl Fs3ClusterSpec {
         self.port(self.mgmtd_replicas + node - 1)
     }
 
+    fn meta_addr(&self, id: u64) -> String {
+        self.port(self.mgmtd_replicas + self.storage_nodes + id - 1)
+    }
+
     fn metrics_addr(&self, service_index: u64) -> String {
         if self.metrics {
-            self.port(self.mgmtd_replicas + self.storage_nodes + service_index)
+            self.port(self.mgmtd_replicas + self.storage_nodes + self.meta_replicas + service_index)
         } else {
             String::new()
         }
@@ -149,6 +168,7 @@ pub struct Fs3Cluster {
     spec: Fs3ClusterSpec,
     mgmtd: BTreeMap<u64, ChildProcess>,
     storage: BTreeMap<u64, ChildProcess>,
+    meta: BTreeMap<u64, ChildProcess>,
     metrics: BTreeMap<String, String>,
     client: LeaderClient,
 }
@@ -243,9 +263,45 @@ impl Fs3Cluster {
             metrics.insert(name, metrics_addr);
             storage.insert(node, process);
         }
+        let meta_members: Vec<MemberConfig> = (1..=spec.meta_replicas)
+            .map(|id| MemberConfig {
+                id,
+                addr: spec.meta_addr(id),
+            })
+            .collect();
+        let mut meta = BTreeMap::new();
+        for id in 1..=spec.meta_replicas {
+            let name = format!("meta-{id}");
+            let metrics_addr = spec.metrics_addr(spec.mgmtd_replicas + spec.storage_nodes + id - 1);
+            let process = daemon(&spec, "meta", &name, || MetaConfig {
+                listen_addr: spec.meta_addr(id),
+                metrics_addr: metrics_addr.clone(),
+                node_id: META_NODE_BASE + id,
+                mgmtd: mgmtd_endpoints.clone(),
+                heartbeat_interval: ff_config::Duration(spec.lease / 6),
+                gc_delay: ff_config::Duration(spec.gc_delay),
+                session_lease: ff_config::Duration(spec.session_lease),
+                // Every replica shares meta-1's token file, so any of them knows the admin.
+                admin_token_file: spec.dir.join("meta-1").join("admin.token"),
+                maintenance_interval: ff_config::Duration(Duration::from_millis(200)),
+                raft: RaftConfig {
+                    node_id: id,
+                    cluster: "fs3-meta".to_string(),
+                    data_dir: spec.dir.join(&name),
+                    advertise_addr: spec.meta_addr(id),
+                    initial_members: meta_members.clone(),
+                    tick_interval: ff_config::Duration(spec.raft_tick),
+                    ..RaftConfig::default()
+                },
+                ..MetaConfig::default()
+            })?;
+            metrics.insert(name, metrics_addr);
+            meta.insert(id, process);
+        }
         let addrs: Vec<String> = (1..=spec.mgmtd_replicas)
             .map(|id| spec.mgmtd_addr(id))
             .chain((1..=spec.storage_nodes).map(|n| spec.storage_addr(n)))
+            .chain((1..=spec.meta_replicas).map(|n| spec.meta_addr(n)))
             .chain(metrics.values().cloned())
             .collect();
         ensure_free(addrs.iter().map(String::as_str))?;
@@ -262,6 +318,7 @@ impl Fs3Cluster {
             spec,
             mgmtd,
             storage,
+            meta,
             metrics,
             client,
         };
@@ -289,7 +346,92 @@ impl Fs3Cluster {
                 .map_err(|s| anyhow::anyhow!("bootstrap: {}", s.message()))?;
         }
         cluster.wait_all_serving(timeout).await?;
+        if cluster.spec.meta_replicas > 0 {
+            // The token file is made by the first replica to start; the others read it.
+            if let Some(first) = cluster.meta.get_mut(&1) {
+                first.spawn()?;
+            }
+            let token_file = cluster.admin_token_path();
+            wait_for(
+                "meta's token file",
+                timeout,
+                Duration::from_millis(50),
+                || async {
+                    cluster.check_processes()?;
+                    if token_file.exists() {
+                        Ok(())
+                    } else {
+                        Err("not yet".to_string().into())
+                    }
+                },
+            )
+            .await?;
+            for (id, process) in &mut cluster.meta {
+                if *id != 1 {
+                    process.spawn()?;
+                }
+            }
+            cluster.wait_meta_ready(timeout).await?;
+        }
         Ok(cluster)
+    }
+
+    /// Where the administrator's token of meta is.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.spec.dir.join("meta-1").join("admin.token")
+    }
+
+    /// The administrator's token of meta.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.admin_token_path())?
+            .trim()
+            .to_string())
+    }
+
+    /// A file-system client with the administrator's token.
+    pub async fn fs_client(&self) -> anyhow::Result<Fs3> {
+        Ok(Fs3::connect(Fs3Options {
+            mgmtd: self.mgmtd_endpoints(),
+            token: self.admin_token()?,
+            ..Fs3Options::default()
+        })
+        .await?)
+    }
+
+    /// Waits until a client can connect and meta knows the bootstrapped chain table.
+    pub async fn wait_meta_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_for(
+            "meta ready",
+            timeout,
+            Duration::from_millis(100),
+            || async {
+                self.check_processes()?;
+                let fs = self
+                    .fs_client()
+                    .await
+                    .map_err(|e| NotReady::Pending(e.to_string()))?;
+                let table = fs
+                    .query(
+                        &Credentials::default(),
+                        query::Op::ChainTable(ChainTableQuery { table_id: TABLE_ID }),
+                    )
+                    .await
+                    .map_err(|e| NotReady::Pending(e.to_string()))?;
+                if table.chains.is_empty() {
+                    Err("meta has not copied the chain table yet".to_string().into())
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .await
+    }
+
+    /// The process of meta replica `id`.
+    pub fn meta_process(&mut self, id: u64) -> anyhow::Result<&mut ChildProcess> {
+        self.meta
+            .get_mut(&id)
+            .ok_or_else(|| anyhow::anyhow!("no meta replica {id}"))
     }
 
     /// What the cluster was started from.
@@ -414,7 +556,12 @@ impl Fs3Cluster {
 
     /// Fails (for good) if a process that should run has exited, with its log tail.
     fn check_processes(&self) -> Result<(), NotReady> {
-        for process in self.mgmtd.values().chain(self.storage.values()) {
+        for process in self
+            .mgmtd
+            .values()
+            .chain(self.storage.values())
+            .chain(self.meta.values())
+        {
             process.check_running().map_err(NotReady::Failed)?;
         }
         Ok(())
@@ -541,9 +688,14 @@ impl Fs3Cluster {
         .await
     }
 
-    /// Stops every process gracefully (storage first, so mgmtd does not see them die).
+    /// Stops every process gracefully (meta and storage first, so mgmtd does not see them die).
     pub async fn stop_all(&mut self) {
-        for process in self.storage.values_mut().chain(self.mgmtd.values_mut()) {
+        let processes = self
+            .meta
+            .values_mut()
+            .chain(self.storage.values_mut())
+            .chain(self.mgmtd.values_mut());
+        for process in processes {
             if let Err(error) = process.stop(Duration::from_secs(10)).await {
                 tracing::warn!(name = process.name(), %error, "stopping failed");
             }

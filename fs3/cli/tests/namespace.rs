@@ -1,0 +1,177 @@
+//! The namespace on real processes: a meta replica beside mgmtd and storage, the native client
+//! creating, writing, reading, renaming and removing files; tokens; truncation cutting chunks;
+//! unlinked files collected from storage after the delay.
+
+// Tests may panic on anything unexpected; that is how they fail.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fs3_client::{Fs3, Fs3Options, ROOT};
+use fs3_proto::meta::{Credentials, InodeKind, SetAttrOp};
+use fs3_proto::storage::ChunkId;
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) ^ seed) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_through_the_native_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = common::spec(dir.path(), 1, 3);
+    spec.meta_replicas = 1;
+    let mut cluster = common::start(spec).await;
+    let fs = cluster.fs_client().await.unwrap();
+    let root = Credentials::default();
+
+    // A client without a token is turned away with a clear message.
+    let refused = Fs3::connect(Fs3Options {
+        mgmtd: cluster.mgmtd_endpoints(),
+        ..Fs3Options::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(refused.errno, libc::EACCES, "{refused}");
+    assert!(refused.message.contains("token"), "{refused}");
+
+    let data_dir = fs
+        .create(&root, ROOT, b"data", InodeKind::Directory, 0o755, b"")
+        .await
+        .unwrap();
+    // 3.5 chunks of 1 MiB, written unaligned in two calls, read back whole and in pieces.
+    let content = pattern(3_500_000, 7);
+    let (inode, session) = fs
+        .create_file(&root, data_dir.id, b"blob", 0o644, true, false)
+        .await
+        .unwrap();
+    fs.write_at(
+        &inode,
+        &session,
+        0,
+        Bytes::copy_from_slice(&content[..1_234_567]),
+    )
+    .await
+    .unwrap();
+    fs.write_at(
+        &inode,
+        &session,
+        1_234_567,
+        Bytes::copy_from_slice(&content[1_234_567..]),
+    )
+    .await
+    .unwrap();
+    let synced = fs.sync_session(&root, &session, false).await.unwrap();
+    assert_eq!(synced.length, content.len() as u64);
+    let stat = fs.resolve(&root, "/data/blob").await.unwrap();
+    assert_eq!((stat.id, stat.length), (inode.id, content.len() as u64));
+    let read = fs.read_at(&stat, stat.length, 0, 10 << 20).await.unwrap();
+    assert!(read == content, "whole-file read differs");
+    let piece = fs
+        .read_at(&stat, stat.length, 1_048_000, 5000)
+        .await
+        .unwrap();
+    assert_eq!(piece, content[1_048_000..1_053_000]);
+
+    // A sparse write leaves a hole of zeros.
+    let (sparse, session) = fs
+        .create_file(&root, ROOT, b"sparse", 0o644, true, false)
+        .await
+        .unwrap();
+    fs.write_at(&sparse, &session, 5 << 20, Bytes::from_static(b"tail"))
+        .await
+        .unwrap();
+    let sparse = fs.sync_session(&root, &session, false).await.unwrap();
+    let read = fs
+        .read_at(&sparse, sparse.length, (5 << 20) - 4, 8)
+        .await
+        .unwrap();
+    assert_eq!(read, b"\0\0\0\0tail");
+
+    // Truncating cuts chunks on storage: growing again shows zeros, not old bytes.
+    fs.setattr(
+        &root,
+        SetAttrOp {
+            inode: inode.id,
+            length: Some(1000),
+            ..SetAttrOp::default()
+        },
+    )
+    .await
+    .unwrap();
+    let grown = fs
+        .setattr(
+            &root,
+            SetAttrOp {
+                inode: inode.id,
+                length: Some(3_000_000),
+                ..SetAttrOp::default()
+            },
+        )
+        .await
+        .unwrap();
+    let read = fs
+        .read_at(&grown, grown.length, 0, 3_000_000)
+        .await
+        .unwrap();
+    assert_eq!(read[..1000], content[..1000]);
+    assert!(
+        read[1000..].iter().all(|b| *b == 0),
+        "truncated bytes came back"
+    );
+
+    // Rename and list.
+    fs.rename(&root, data_dir.id, b"blob", ROOT, b"moved", false)
+        .await
+        .unwrap();
+    let names: Vec<Vec<u8>> = fs
+        .readdir_all(&root, ROOT)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(
+        names,
+        vec![b"data".to_vec(), b"moved".to_vec(), b"sparse".to_vec()]
+    );
+    let err = fs.remove(&root, ROOT, b"data", false).await.unwrap_err();
+    assert_eq!(err.errno, libc::EISDIR);
+
+    // An unlinked file's chunks are removed from storage after the delay.
+    fs.remove(&root, ROOT, b"moved", false).await.unwrap();
+    let chunks = cluster.chunk_client(Duration::from_secs(5)).unwrap();
+    let layout = grown.layout.clone().unwrap();
+    let first = ChunkId {
+        inode: inode.id,
+        index: 0,
+    };
+    ff_harness::wait_for(
+        "the unlinked file's chunks removed",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            match chunks.read(layout.chains[0], first, 0, 10).await {
+                Err(fs3_client::ClientError::NotFound(_)) => Ok(()),
+                other => Err(format!(
+                    "chunk 0 still readable: {:?}",
+                    other.map(|d| d.chunk_length)
+                )
+                .into()),
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let statfs = fs.statfs().await.unwrap();
+    assert_eq!(statfs.files, 3, "root, data and sparse");
+    assert!(
+        statfs.capacity_bytes > 0 && statfs.free_bytes > 0,
+        "{statfs:?}"
+    );
+    cluster.stop_all().await;
+}

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ff_rpc::{ClientOptions, LeaderClient};
+use fs3_proto::meta::{AddUserOp, Credentials, UserQuery, command, query};
 use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
 use fs3_proto::mgmtd::{
     BootstrapRequest, ChainSpec, CreateChainTableRequest, CreateChainsRequest, GetRoutingRequest,
@@ -11,6 +12,8 @@ use fs3_proto::mgmtd::{
     SetTargetOfflineRequest,
 };
 use serde_json::json;
+
+use crate::files::Connect;
 
 /// A failed call, said in a line that names the replicas tried.
 fn failed(client: &LeaderClient, status: &tonic::Status) -> anyhow::Error {
@@ -131,14 +134,100 @@ pub enum AdminCmd {
     Offline { target: u64 },
     /// Let a target taken out by hand return.
     Online { target: u64 },
+    /// Users of the file system (needs the administrator's token).
+    User {
+        #[command(subcommand)]
+        command: UserCmd,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum UserCmd {
+    /// Add a user and print its new token (shown once; meta keeps only its hash).
+    Add {
+        name: String,
+        /// The uid its requests act as.
+        #[arg(long, default_value_t = 0)]
+        uid: u32,
+        /// The gid its requests act as.
+        #[arg(long, default_value_t = 0)]
+        gid: u32,
+        /// Let the token act as any uid and gid it claims (for FUSE mounts, which pass each
+        /// caller's identity).
+        #[arg(long)]
+        trusted: bool,
+    },
+    /// List users.
+    List,
+}
+
+async fn users(command: UserCmd, connect: &Connect, json_output: bool) -> anyhow::Result<()> {
+    let fs = connect.connect().await?;
+    let admin = Credentials::default();
+    match command {
+        UserCmd::Add {
+            name,
+            uid,
+            gid,
+            trusted,
+        } => {
+            let token = fs3_meta::new_token();
+            fs.mutate(
+                &admin,
+                command::Op::AddUser(AddUserOp {
+                    name: name.clone(),
+                    uid,
+                    gid,
+                    trusted,
+                    token_sha256: fs3_meta::token_hash(&token),
+                }),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("adding user {name}: {e}"))?;
+            if json_output {
+                println!(
+                    "{}",
+                    json!({"name": name, "uid": uid, "gid": gid, "trusted": trusted, "token": token})
+                );
+            } else {
+                println!("{token}");
+                eprintln!(
+                    "user {name} (uid {uid}, gid {gid}{}) added; keep the token above, it is not shown again",
+                    if trusted { ", trusted" } else { "" }
+                );
+            }
+        }
+        UserCmd::List => {
+            let result = fs
+                .query(&admin, query::Op::User(UserQuery::default()))
+                .await
+                .map_err(|e| anyhow::anyhow!("listing users: {e}"))?;
+            if json_output {
+                let list: Vec<_> = result
+                    .users
+                    .iter()
+                    .map(|u| json!({"name": u.name, "uid": u.uid, "gid": u.gid, "trusted": u.trusted}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<20} {:>6} {:>6} trusted", "name", "uid", "gid");
+                for u in &result.users {
+                    println!("{:<20} {:>6} {:>6} {}", u.name, u.uid, u.gid, u.trusted);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(
     command: AdminCmd,
     client: &LeaderClient,
+    connect: &Connect,
     json_output: bool,
 ) -> anyhow::Result<()> {
     match command {
+        AdminCmd::User { command } => return users(command, connect, json_output).await,
         AdminCmd::Status => {
             let routing = routing(client).await?;
             let live = nodes(client).await?;

@@ -2,6 +2,8 @@
 
 mod admin;
 mod bench;
+mod files;
+mod mount;
 mod up;
 
 use std::path::PathBuf;
@@ -20,6 +22,9 @@ use fs3_storage::{StorageConfig, StorageDaemon};
     about = "fs3: a 3FS-style distributed file system"
 )]
 struct Cli {
+    /// How client commands (admin, mount, files) reach the cluster.
+    #[command(flatten)]
+    connect: files::Connect,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -32,14 +37,24 @@ enum Cmd {
     Storage(DaemonArgs),
     /// Run a metadata service replica (the namespace).
     Meta(DaemonArgs),
-    /// Run a whole local cluster (mgmtd and storage daemons as processes) until Ctrl-C.
+    /// Mount fs3 with FUSE, in the foreground until Ctrl-C or SIGTERM.
+    Mount {
+        /// An empty directory.
+        mountpoint: PathBuf,
+        /// Mount options: allow_other, ro, nonempty, cache_timeout=SECONDS, threads=N.
+        #[arg(short = 'o', value_delimiter = ',')]
+        options: Vec<String>,
+    },
+    #[command(flatten)]
+    Files(files::FileCmd),
+    /// Run a whole local cluster (mgmtd, storage and meta daemons as processes) until Ctrl-C.
     Up {
         /// Directory for configs, data and logs; reused by later runs.
         #[arg(long, default_value = "fs3-local")]
         dir: PathBuf,
         /// mgmtd replicas (1 or 3).
         #[arg(long, default_value_t = 1)]
-        mgmtd: u64,
+        mgmtd_replicas: u64,
         /// Storage daemons.
         #[arg(long, default_value_t = 3)]
         storage: u64,
@@ -49,7 +64,10 @@ enum Cmd {
         /// Replicas per chain.
         #[arg(long, default_value_t = 3)]
         replication: u32,
-        /// First port: mgmtd replicas, then storage daemons, then metrics endpoints.
+        /// meta replicas (1 or 3).
+        #[arg(long, default_value_t = 1)]
+        meta_replicas: u64,
+        /// First port: mgmtd replicas, then storage daemons, meta replicas, metrics endpoints.
         #[arg(long, default_value_t = 8000)]
         port: u16,
     },
@@ -60,14 +78,6 @@ enum Cmd {
     },
     /// Inspect and change the cluster through mgmtd.
     Admin {
-        /// mgmtd replicas (host:port, comma separated).
-        #[arg(
-            long,
-            env = "FS3_MGMTD",
-            value_delimiter = ',',
-            default_value = "127.0.0.1:8000"
-        )]
-        mgmtd: Vec<String>,
         /// Print JSON instead of tables.
         #[arg(long, global = true)]
         json: bool,
@@ -193,6 +203,7 @@ fn daemon_config<C: DaemonConfig>(args: &DaemonArgs) -> anyhow::Result<Option<C>
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let connect = cli.connect;
     match cli.command {
         Cmd::Mgmtd(args) => {
             let Some(config) = daemon_config::<MgmtdConfig>(&args)? else {
@@ -224,10 +235,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Up {
             dir,
-            mgmtd,
+            mgmtd_replicas: mgmtd,
             storage,
             targets,
             replication,
+            meta_replicas: meta,
             port,
         } => {
             up::run(
@@ -237,6 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     storage,
                     targets,
                     replication,
+                    meta,
                     port,
                 },
                 stop_signal(false),
@@ -276,13 +289,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await
         }
-        Cmd::Admin {
-            mgmtd,
-            json,
-            command,
-        } => {
-            let client = admin::client(mgmtd)?;
-            admin::run(command, &client, json).await
+        Cmd::Admin { json, command } => {
+            let client = admin::client(connect.mgmtd.clone())?;
+            admin::run(command, &client, &connect, json).await
         }
+        Cmd::Mount {
+            mountpoint,
+            options,
+        } => {
+            init_logging();
+            mount::run(mountpoint, &options, &connect, stop_signal(false)).await
+        }
+        Cmd::Files(command) => files::run(command, &connect).await,
     }
 }

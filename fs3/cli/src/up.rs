@@ -23,6 +23,8 @@ pub struct Up {
     pub targets: u64,
     /// Replicas per chain.
     pub replication: u32,
+    /// meta replicas.
+    pub meta: u64,
     /// First port (mgmtd replicas, then storage daemons, then metrics endpoints).
     pub port: u16,
 }
@@ -34,6 +36,7 @@ impl Up {
             "storage": self.storage,
             "targets": self.targets,
             "replication": self.replication,
+            "meta": self.meta,
             "port": self.port,
         })
     }
@@ -73,7 +76,8 @@ pub async fn run(
     // Daemons find their files from any working directory.
     up.dir = std::path::absolute(&up.dir)
         .with_context(|| format!("invalid --dir {}", up.dir.display()))?;
-    anyhow::ensure!(up.mgmtd >= 1, "--mgmtd must be at least 1");
+    anyhow::ensure!(up.mgmtd >= 1, "--mgmtd-replicas must be at least 1");
+    anyhow::ensure!(up.meta >= 1, "--meta-replicas must be at least 1");
     anyhow::ensure!(
         up.storage >= 1 && up.targets >= 1,
         "--storage and --targets must be at least 1"
@@ -94,14 +98,18 @@ pub async fn run(
         up.port,
     );
     spec.targets_per_node = up.targets;
+    spec.meta_replicas = up.meta;
+    spec.gc_delay = Duration::from_secs(300);
+    spec.session_lease = Duration::from_secs(60);
     spec.lease = Duration::from_secs(5);
     spec.raft_tick = Duration::from_millis(100);
     eprintln!(
-        "starting {} mgmtd, {} storage daemons x {} targets, replication {} in {} ...",
+        "starting {} mgmtd, {} storage daemons x {} targets, replication {}, {} meta in {} ...",
         up.mgmtd,
         up.storage,
         up.targets,
         up.replication,
+        up.meta,
         up.dir.display()
     );
     let mut cluster = Fs3Cluster::start(spec, Duration::from_secs(60))
@@ -118,8 +126,14 @@ pub async fn run(
     for (name, addr) in cluster.metrics_endpoints() {
         println!("  metrics: {name} http://{addr}/metrics");
     }
+    let token = cluster.admin_token_path();
+    println!("  token:   {} (the administrator's)", token.display());
     println!("  logs:    {}/*.log", up.dir.display());
-    println!("Try: FS3_MGMTD={mgmtd} fs3 admin status");
+    println!(
+        "Try: export FS3_MGMTD={mgmtd} FS3_TOKEN_FILE={}",
+        token.display()
+    );
+    println!("     fs3 admin status; fs3 ls /; mkdir -p /mnt/fs3 && fs3 mount /mnt/fs3");
     println!("Ctrl-C stops the cluster; `fs3 up` with the same --dir brings it back.");
     let result = stop.await;
     eprintln!("stopping ...");

@@ -108,6 +108,16 @@ impl WriteSession {
     pub fn written_to(&self) -> u64 {
         self.written_to.load(Ordering::Acquire)
     }
+
+    /// Whether something was written since the last report to meta.
+    pub fn has_unreported_write(&self) -> bool {
+        self.wrote.load(Ordering::Acquire)
+    }
+
+    /// The file was truncated to `length`: what was written past it no longer counts.
+    pub fn truncated_to(&self, length: u64) {
+        self.written_to.fetch_min(length, Ordering::AcqRel);
+    }
 }
 
 /// A connected client. Cheap to share behind an `Arc`.

@@ -50,7 +50,7 @@ fn apply_op(
         Op::Open(op) => namespace::open(table, ctx, op),
         Op::Close(op) => namespace::close(table, ctx, op),
         Op::SetLayout(op) => namespace::set_layout(table, ctx, op),
-        Op::SetChainTable(op) => namespace::set_chain_table(table, &op),
+        Op::SetChainTable(op) => namespace::set_chain_table(table, ctx, &op),
         Op::AddUser(op) => add_user(table, op),
         Op::PruneSessions(op) => {
             namespace::prune_sessions(table, ctx, op.client).map(|_| CommandResult::default())

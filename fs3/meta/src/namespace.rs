@@ -1090,9 +1090,11 @@ pub fn set_layout(
     })
 }
 
-/// Records a chain table's chains.
+/// Records a chain table's chains. The first one also dates the root directory: `init` runs
+/// on every replica without a clock, and this is the first command every namespace sees.
 pub fn set_chain_table(
     table: &mut MetaTable<'_>,
+    ctx: Ctx<'_>,
     op: &SetChainTableOp,
 ) -> Result<CommandResult, OpError> {
     if op.table_id == 0 || op.chains.is_empty() {
@@ -1102,5 +1104,13 @@ pub fn set_chain_table(
         keys::chain_table(op.table_id).as_slice(),
         op.encode_to_vec().as_slice(),
     )?;
+    if let Some(mut root) = get_inode(table, ROOT)?
+        && root.ctime_ns == 0
+    {
+        root.atime_ns = ctx.now;
+        root.mtime_ns = ctx.now;
+        root.ctime_ns = ctx.now;
+        put_inode(table, &root)?;
+    }
     Ok(CommandResult::default())
 }

@@ -1,5 +1,6 @@
 //! `fs3 up` as a user runs it: the cluster comes up and says where it is, `fs3 admin` sees it,
-//! Ctrl-C stops it cleanly, and the directory refuses a different shape later.
+//! the file commands work with the token it names, Ctrl-C stops it cleanly, and the directory
+//! refuses a different shape later.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 #[test]
 fn up_runs_a_cluster_until_interrupted() {
     let dir = tempfile::tempdir().unwrap();
-    let port = ff_harness::free_port_block(8).unwrap();
+    let port = ff_harness::free_port_block(10).unwrap();
     let fs3 = env!("CARGO_BIN_EXE_fs3");
     let mut up = Command::new(fs3)
         .args(["up", "--port", &port.to_string(), "--dir"])
@@ -39,8 +40,70 @@ fn up_runs_a_cluster_until_interrupted() {
         .unwrap();
     assert!(status.status.success(), "{status:?}");
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(status["nodes_alive"], 3);
+    // Three storage daemons and the meta replica.
+    assert_eq!(status["nodes_alive"], 4);
     assert_eq!(status["serving"], 3);
+
+    // The file commands, with the token file `fs3 up` printed.
+    let token_line = lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find(|l| l.trim_start().starts_with("token:"))
+        .unwrap();
+    let token_file = token_line.split_whitespace().nth(1).unwrap().to_string();
+    let files = |args: &[&str]| {
+        Command::new(fs3)
+            .args(args)
+            .env("FS3_MGMTD", format!("127.0.0.1:{port}"))
+            .env("FS3_TOKEN_FILE", &token_file)
+            .output()
+            .unwrap()
+    };
+    let local = dir.path().join("local.bin");
+    let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&local, &content).unwrap();
+    assert!(files(&["mkdir", "-p", "/a/b"]).status.success());
+    let copied = files(&["cp", local.to_str().unwrap(), "fs3:/a/b/"]);
+    assert!(copied.status.success(), "{copied:?}");
+    let cat = files(&["cat", "/a/b/local.bin"]);
+    assert!(cat.status.success() && cat.stdout == content, "cat differs");
+    let listing = files(&["ls", "--json", "/a/b"]);
+    let listing: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap();
+    assert_eq!(listing[0]["name"], "local.bin");
+    assert_eq!(listing[0]["size"], 3_000_000);
+    assert!(
+        files(&["mv", "/a/b/local.bin", "/a/renamed"])
+            .status
+            .success()
+    );
+    let back = dir.path().join("back.bin");
+    assert!(
+        files(&["cp", "fs3:/a/renamed", back.to_str().unwrap()])
+            .status
+            .success()
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == content,
+        "round trip differs"
+    );
+    let refused = files(&["rm", "/a"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is a directory"));
+    assert!(files(&["rm", "-r", "/a"]).status.success());
+    let missing = files(&["stat", "/a"]);
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no entry"),
+        "{missing:?}"
+    );
+    let no_token = Command::new(fs3)
+        .args(["ls", "/"])
+        .env("FS3_MGMTD", format!("127.0.0.1:{port}"))
+        .env_remove("FS3_TOKEN_FILE")
+        .env_remove("FS3_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!no_token.status.success());
+    assert!(String::from_utf8_lossy(&no_token.stderr).contains("token"));
 
     // Ctrl-C: every daemon stops and `fs3 up` exits cleanly.
     nix::sys::signal::kill(

@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod bench_fs;
 mod files;
 mod mount;
 mod up;
@@ -130,6 +131,35 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// One workload on an fs3 mount, a local directory and (optionally) GlusterFS, side by
+    /// side: sequential write and cold read, 4 KiB random reads, create/stat/unlink.
+    Fs(FsBenchArgs),
+}
+
+/// `fs3 bench fs` options (see `bench_fs`).
+#[derive(clap::Args)]
+struct FsBenchArgs {
+    /// Working directory: a local cluster and its mount, and the local comparison directory.
+    #[arg(long, default_value = "fs3-bench-fs")]
+    dir: PathBuf,
+    /// Measure this existing fs3 mount instead of starting a local cluster.
+    #[arg(long)]
+    mount: Option<PathBuf>,
+    /// Also measure this GlusterFS mount (see scripts/glusterfs-bench-setup.sh).
+    #[arg(long)]
+    gluster: Option<PathBuf>,
+    /// Size of the sequential file.
+    #[arg(long, default_value = "1GiB")]
+    size: ff_config::ByteSize,
+    /// Files created, stated and unlinked per metadata pass.
+    #[arg(long, default_value_t = 5000)]
+    files: usize,
+    /// Duration of the random-read pass.
+    #[arg(long, default_value = "10s")]
+    random_time: ff_config::Duration,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `IoBackend` on the command line.
@@ -286,6 +316,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 replications: replication,
                 json,
+            })
+            .await
+        }
+        Cmd::Bench {
+            command: BenchCmd::Fs(args),
+        } => {
+            anyhow::ensure!(args.files >= 16, "--files must be at least 16");
+            bench_fs::run(bench_fs::FsBench {
+                dir: args.dir,
+                mount: args.mount,
+                gluster: args.gluster,
+                size: args.size,
+                files: args.files,
+                random_time: args.random_time.get(),
+                json: args.json,
             })
             .await
         }

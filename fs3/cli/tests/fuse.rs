@@ -349,7 +349,10 @@ async fn posix_semantics_match_a_local_directory() {
             }
         }
         // The sequence must exercise both paths: real changes and a spread of refusals.
-        assert!(succeeded >= 100, "seed {seed}: only {succeeded} operations succeeded");
+        assert!(
+            succeeded >= 100,
+            "seed {seed}: only {succeeded} operations succeeded"
+        );
         assert!(errnos.len() >= 5, "seed {seed}: errnos seen {errnos:?}");
         eprintln!("seed {seed}: {succeeded} of 400 succeeded; errnos {errnos:?}");
         assert_eq!(

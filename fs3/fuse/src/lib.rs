@@ -10,6 +10,8 @@
 //! the configured timeout; a writer's length reaches meta when it closes or fsyncs the file,
 //! and until then this mount serves the length it has written itself.
 
+mod writeback;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt as _;
@@ -28,6 +30,9 @@ use fuser::{
     WriteFlags,
 };
 use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+
+use crate::writeback::InodeWrites;
 
 /// The block size `stat` reports for files: tools like `cp` size their I/O by it.
 const FILE_BLOCK_SIZE: u32 = 1 << 20;
@@ -49,6 +54,8 @@ pub struct MountOptions {
     pub max_readahead: u32,
     /// Mount over a non-empty directory.
     pub nonempty: bool,
+    /// Most bytes of answered but unfinished writes (write-behind) in the whole mount.
+    pub write_behind: u64,
 }
 
 impl Default for MountOptions {
@@ -61,6 +68,7 @@ impl Default for MountOptions {
             max_write: 1 << 20,
             max_readahead: 4 << 20,
             nonempty: false,
+            write_behind: 64 << 20,
         }
     }
 }
@@ -190,6 +198,9 @@ pub fn mount(
             dirs: Mutex::new(HashMap::new()),
             sizes: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            write_budget: Arc::new(Semaphore::new(budget_units(options.write_behind))),
+            write_budget_units: u32::try_from(budget_units(options.write_behind))
+                .unwrap_or(u32::MAX),
         }),
         runtime,
     };
@@ -214,12 +225,25 @@ struct OpenFile {
     reported: AtomicU64,
 }
 
-/// What this mount has written to a file and not yet necessarily reported: open writers and
-/// the largest end written.
-#[derive(Debug, Default, Clone, Copy)]
+/// What this mount has written to a file and not yet necessarily reported: open writers, the
+/// largest end written, and the writes still in flight.
+#[derive(Debug, Default, Clone)]
 struct LocalSize {
     writers: usize,
     size: u64,
+    writes: Arc<InodeWrites>,
+}
+
+/// The write budget counts KiB (a semaphore's permits are bounded).
+const BUDGET_UNIT: u64 = 1024;
+
+fn budget_units(bytes: u64) -> usize {
+    usize::try_from(
+        bytes
+            .div_ceil(BUDGET_UNIT)
+            .clamp(1024, u64::from(u32::MAX) >> 3),
+    )
+    .unwrap_or(1024)
 }
 
 struct Inner {
@@ -229,6 +253,8 @@ struct Inner {
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     sizes: Mutex<HashMap<u64, LocalSize>>,
     next_handle: AtomicU64,
+    write_budget: Arc<Semaphore>,
+    write_budget_units: u32,
 }
 
 /// The FUSE file system.
@@ -298,6 +324,22 @@ impl Inner {
         inode.length.max(local)
     }
 
+    /// The in-flight writes of `ino` from this mount (none unless a writer has it open).
+    fn writes_of(&self, ino: u64) -> Option<Arc<InodeWrites>> {
+        lock(&self.sizes).get(&ino).map(|s| s.writes.clone())
+    }
+
+    /// Waits for this mount's pending writes to `ino`, and takes their first failure.
+    async fn settle(&self, ino: u64) -> Result<(), FsError> {
+        match self.writes_of(ino) {
+            Some(writes) => {
+                writes.all().await;
+                writes.take_error().map_or(Ok(()), Err)
+            }
+            None => Ok(()),
+        }
+    }
+
     fn attr(&self, inode: &Inode) -> FileAttr {
         let kind = file_type(inode.kind);
         let size = match kind {
@@ -353,6 +395,7 @@ impl Inner {
         let Some(session) = &file.session else {
             return Ok(());
         };
+        self.settle(file.inode.id).await?;
         let written = session.written_to();
         if keep_open
             && file.reported.load(Ordering::Acquire) == written
@@ -470,6 +513,11 @@ impl Filesystem for Fs3Fuse {
             None => {}
         }
         self.spawn(async move {
+            if size.is_some()
+                && let Err(error) = inner.settle(ino.0).await
+            {
+                return reply.error(errno(&error));
+            }
             match inner.fs.setattr(&creds, op).await {
                 Ok(inode) => {
                     if let Some(length) = size {
@@ -746,6 +794,12 @@ impl Filesystem for Fs3Fuse {
             Err(error) => return reply.error(error),
         };
         self.spawn(async move {
+            // Reads see this mount's own writes.
+            if let Some(writes) = inner.writes_of(file.inode.id) {
+                writes
+                    .overlapping(offset, offset.saturating_add(u64::from(size)))
+                    .await;
+            }
             let length = inner.size_of(&file.inode).max(file.open_length);
             match inner
                 .fs
@@ -777,19 +831,37 @@ impl Filesystem for Fs3Fuse {
         };
         let data = Bytes::copy_from_slice(data);
         self.spawn(async move {
-            let Some(session) = &file.session else {
-                return reply.error(Errno::EBADF);
+            let writes = match (&file.session, inner.writes_of(ino.0)) {
+                (Some(_), Some(writes)) => writes,
+                _ => return reply.error(Errno::EBADF),
             };
-            let len = data.len();
-            match inner.fs.write_at(&file.inode, session, offset, data).await {
-                Ok(()) => {
-                    if let Some(local) = lock(&inner.sizes).get_mut(&ino.0) {
-                        local.size = local.size.max(offset + len as u64);
-                    }
-                    reply.written(u32::try_from(len).unwrap_or(u32::MAX));
-                }
-                Err(error) => reply.error(errno(&error)),
+            if let Some(error) = writes.take_error() {
+                return reply.error(errno(&error));
             }
+            let len = data.len() as u64;
+            let end = offset.saturating_add(len);
+            // Overlapping writes land in the order they were made.
+            writes.overlapping(offset, end).await;
+            let units = u32::try_from(len.div_ceil(BUDGET_UNIT))
+                .unwrap_or(u32::MAX)
+                .min(inner.write_budget_units);
+            let Ok(permit) = inner.write_budget.clone().acquire_many_owned(units).await else {
+                return reply.error(Errno::EIO);
+            };
+            let fs = inner.fs.clone();
+            let background = file.clone();
+            writes.start(offset, end, async move {
+                let result = match &background.session {
+                    Some(session) => fs.write_at(&background.inode, session, offset, data).await,
+                    None => Ok(()),
+                };
+                drop(permit);
+                result
+            });
+            if let Some(local) = lock(&inner.sizes).get_mut(&ino.0) {
+                local.size = local.size.max(end);
+            }
+            reply.written(u32::try_from(len).unwrap_or(u32::MAX));
         });
     }
 
@@ -843,9 +915,14 @@ impl Filesystem for Fs3Fuse {
         let Some(file) = lock(&inner.handles).remove(&fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        // close(2) does not wait for release, and flush already made the length visible: the
+        // session ends in the background (its errors can only be logged, as the kernel's are).
+        reply.ok();
         let creds = credentials(req);
         self.spawn(async move {
-            let result = inner.report(&creds, &file, false).await;
+            if let Err(error) = inner.report(&creds, &file, false).await {
+                tracing::warn!(inode = ino.0, %error, "closing a write session failed");
+            }
             if file.session.is_some() {
                 let mut sizes = lock(&inner.sizes);
                 if let Some(local) = sizes.get_mut(&ino.0) {
@@ -854,10 +931,6 @@ impl Filesystem for Fs3Fuse {
                         sizes.remove(&ino.0);
                     }
                 }
-            }
-            match result {
-                Ok(()) => reply.ok(),
-                Err(error) => reply.error(errno(&error)),
             }
         });
     }

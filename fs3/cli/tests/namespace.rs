@@ -175,3 +175,54 @@ async fn files_through_the_native_client() {
     );
     cluster.stop_all().await;
 }
+
+/// Three meta replicas: kill -9 the leader while a client creates files; the client follows the
+/// new leader, nothing acknowledged is lost, and the old leader catches up when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_leader_killed_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = common::spec(dir.path(), 1, 3);
+    spec.meta_replicas = 3;
+    let mut cluster = common::start(spec).await;
+    let fs = cluster.fs_client().await.unwrap();
+    let root = Credentials::default();
+    let leader = cluster
+        .wait_for_meta_leader(None, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut acked = Vec::new();
+    for i in 0..150u32 {
+        if i == 50 {
+            cluster.meta_process(leader).unwrap().kill().await.unwrap();
+        }
+        let name = format!("f{i}");
+        let (inode, session) = fs
+            .create_file(&root, ROOT, name.as_bytes(), 0o644, true, false)
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+        fs.write_at(&inode, &session, 0, Bytes::from(name.clone().into_bytes()))
+            .await
+            .unwrap();
+        fs.sync_session(&root, &session, false).await.unwrap();
+        acked.push(name);
+    }
+    let new_leader = cluster
+        .wait_for_meta_leader(Some(leader), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_ne!(new_leader, leader);
+    for name in &acked {
+        let inode = fs.lookup(&root, ROOT, name.as_bytes()).await.unwrap();
+        assert_eq!(inode.length, name.len() as u64, "{name}");
+        let data = fs.read_at(&inode, inode.length, 0, 100).await.unwrap();
+        assert_eq!(data, name.as_bytes());
+    }
+    // The old leader returns and follows; the group agrees on one leader again.
+    cluster.meta_process(leader).unwrap().spawn().unwrap();
+    cluster
+        .wait_for_meta_leader(None, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(fs.readdir_all(&root, ROOT).await.unwrap().len(), 150);
+    cluster.stop_all().await;
+}

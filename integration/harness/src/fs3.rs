@@ -398,14 +398,27 @@ impl Fs3Cluster {
         .await?)
     }
 
-    /// Waits until a client can connect and meta knows the bootstrapped chain table.
+    /// Waits until every meta replica has registered at mgmtd (clients find them there), a
+    /// client can connect, and meta knows the bootstrapped chain table.
     pub async fn wait_meta_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         wait_for(
             "meta ready",
             timeout,
             Duration::from_millis(100),
             || async {
-                self.check_processes()?;
+                let routing = self.probe_routing().await?;
+                let metas = routing
+                    .nodes
+                    .iter()
+                    .filter(|n| n.kind == fs3_proto::mgmtd::NodeKind::Meta as i32)
+                    .count() as u64;
+                if metas < self.spec.meta_replicas {
+                    return Err(format!(
+                        "{metas} of {} meta replicas registered",
+                        self.spec.meta_replicas
+                    )
+                    .into());
+                }
                 let fs = self
                     .fs_client()
                     .await
@@ -568,18 +581,61 @@ impl Fs3Cluster {
     }
 
     async fn mgmtd_status(&self, id: u64) -> Result<ff_raft::proto::StatusReply, String> {
-        let channel = self
-            .client
-            .channel_to(&self.spec.mgmtd_addr(id))
-            .map_err(|e| e.to_string())?;
+        self.raft_status(&format!("mgmtd-{id}"), &self.spec.mgmtd_addr(id))
+            .await
+    }
+
+    /// The raft status of the replica `name` at `addr` (mgmtd or meta).
+    async fn raft_status(
+        &self,
+        name: &str,
+        addr: &str,
+    ) -> Result<ff_raft::proto::StatusReply, String> {
+        let channel = self.client.channel_to(addr).map_err(|e| e.to_string())?;
         tokio::time::timeout(
             Duration::from_secs(2),
             RaftClient::new(channel).status(StatusRequest {}),
         )
         .await
-        .map_err(|_| format!("mgmtd-{id}: status timed out"))?
+        .map_err(|_| format!("{name}: status timed out"))?
         .map(tonic::Response::into_inner)
-        .map_err(|s| format!("mgmtd-{id}: {}", s.message()))
+        .map_err(|s| format!("{name}: {}", s.message()))
+    }
+
+    /// Waits until the running meta replicas agree on a leader other than `not`; returns it.
+    pub async fn wait_for_meta_leader(
+        &self,
+        not: Option<u64>,
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
+        let running: Vec<u64> = self
+            .meta
+            .iter()
+            .filter(|(_, p)| p.is_running())
+            .map(|(id, _)| *id)
+            .collect();
+        wait_for(
+            "an agreed meta leader",
+            timeout,
+            Duration::from_millis(50),
+            || async {
+                let mut leaders = Vec::new();
+                for id in &running {
+                    let status = self
+                        .raft_status(&format!("meta-{id}"), &self.spec.meta_addr(*id))
+                        .await
+                        .map_err(NotReady::from)?;
+                    leaders.push(status.leader_id);
+                }
+                let first = leaders.first().copied().unwrap_or(0);
+                if first != 0 && Some(first) != not && leaders.iter().all(|l| *l == first) {
+                    Ok(first)
+                } else {
+                    Err(format!("meta leaders seen: {leaders:?}").into())
+                }
+            },
+        )
+        .await
     }
 
     /// The routing, for readiness probes: fails for good if a daemon died.

@@ -8,6 +8,16 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Kills `fs3 up` (and so its daemons, which exit with it) if the test ends early.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn up_runs_a_cluster_until_interrupted() {
     let dir = tempfile::tempdir().unwrap();
@@ -21,6 +31,7 @@ fn up_runs_a_cluster_until_interrupted() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut up = KillOnDrop(up);
     let started = Instant::now();
     let first = lines.next().unwrap().unwrap();
     assert_eq!(first, "fs3 is up: every chain serving.");
@@ -107,11 +118,11 @@ fn up_runs_a_cluster_until_interrupted() {
 
     // Ctrl-C: every daemon stops and `fs3 up` exits cleanly.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::unistd::Pid::from_raw(up.0.id() as i32),
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
-    let exit = up.wait().unwrap();
+    let exit = up.0.wait().unwrap();
     assert!(exit.success(), "{exit:?}");
     assert!(
         std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),

@@ -134,6 +134,8 @@ pub enum AdminCmd {
     Offline { target: u64 },
     /// Let a target taken out by hand return.
     Online { target: u64 },
+    /// Print a new random token (for a meta group's shared admin_token_file).
+    NewToken,
     /// Users of the file system (needs the administrator's token).
     User {
         #[command(subcommand)]
@@ -228,6 +230,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     match command {
         AdminCmd::User { command } => return users(command, connect, json_output).await,
+        AdminCmd::NewToken => {
+            println!("{}", fs3_meta::new_token());
+            return Ok(());
+        }
         AdminCmd::Status => {
             let routing = routing(client).await?;
             let live = nodes(client).await?;

@@ -347,29 +347,20 @@ impl Fs3Cluster {
         }
         cluster.wait_all_serving(timeout).await?;
         if cluster.spec.meta_replicas > 0 {
-            // The token file is made by the first replica to start; the others read it.
-            if let Some(first) = cluster.meta.get_mut(&1) {
-                first.spawn()?;
-            }
+            // Every replica reads one shared token file, made here as an operator would.
             let token_file = cluster.admin_token_path();
-            wait_for(
-                "meta's token file",
-                timeout,
-                Duration::from_millis(50),
-                || async {
-                    cluster.check_processes()?;
-                    if token_file.exists() {
-                        Ok(())
-                    } else {
-                        Err("not yet".to_string().into())
-                    }
-                },
-            )
-            .await?;
-            for (id, process) in &mut cluster.meta {
-                if *id != 1 {
-                    process.spawn()?;
+            if !token_file.exists() {
+                if let Some(dir) = token_file.parent() {
+                    std::fs::create_dir_all(dir)?;
                 }
+                std::fs::write(&token_file, format!("{}\n", fs3_meta::new_token()))?;
+                std::fs::set_permissions(
+                    &token_file,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )?;
+            }
+            for process in cluster.meta.values_mut() {
+                process.spawn()?;
             }
             cluster.wait_meta_ready(timeout).await?;
         }

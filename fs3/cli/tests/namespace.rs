@@ -226,3 +226,57 @@ async fn meta_leader_killed_mid_stream() {
     assert_eq!(fs.readdir_all(&root, ROOT).await.unwrap().len(), 150);
     cluster.stop_all().await;
 }
+
+/// A writer that dies without fsync or close: once its keep-alives stop for the session lease,
+/// meta ends its session with the length the chunks on storage give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_writers_length_is_recovered_from_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = common::spec(dir.path(), 1, 3);
+    spec.meta_replicas = 1;
+    spec.session_lease = Duration::from_secs(2);
+    let mut cluster = common::start(spec).await;
+    let root = Credentials::default();
+    let observer = cluster.fs_client().await.unwrap();
+    let content = pattern(2_500_000, 3);
+    {
+        let writer = cluster.fs_client().await.unwrap();
+        let (inode, session) = writer
+            .create_file(&root, ROOT, b"unsynced", 0o644, true, false)
+            .await
+            .unwrap();
+        writer
+            .write_at(&inode, &session, 0, Bytes::copy_from_slice(&content))
+            .await
+            .unwrap();
+        // Dropped here without fsync or close: its keep-alives stop.
+    }
+    assert_eq!(
+        observer.resolve(&root, "/unsynced").await.unwrap().length,
+        0
+    );
+    let recovered = ff_harness::wait_for(
+        "the dead writer's length recovered",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let inode = observer
+                .resolve(&root, "/unsynced")
+                .await
+                .map_err(|e| ff_harness::NotReady::Pending(e.to_string()))?;
+            if inode.length == content.len() as u64 && inode.sessions == 0 {
+                Ok(inode)
+            } else {
+                Err(format!("length {}, sessions {}", inode.length, inode.sessions).into())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let data = observer
+        .read_at(&recovered, recovered.length, 0, 3_000_000)
+        .await
+        .unwrap();
+    assert!(data == content, "recovered content differs");
+    cluster.stop_all().await;
+}

@@ -1,17 +1,20 @@
 //! What a meta replica does besides answering requests: heartbeats to mgmtd (so clients find
 //! meta through mgmtd), and, on the leader only, copying mgmtd's chain tables into the
-//! namespace, ending the sessions of clients that went silent, and collecting unlinked files
+//! namespace, ending the sessions of clients that went silent (with the lengths their chunks on
+//! storage give, since a dead writer may not have reported its last writes), and collecting unlinked files
 //! once `gc_delay` has passed: their chunks are removed from storage, then the inode is purged.
 
 use std::time::{Duration, Instant};
 
 use ff_raft::{Consistency, Role};
+use fs3_client::ClientError;
 use fs3_proto::meta::{
-    ChainTableQuery, GcQuery, PruneSessionsOp, PurgeOp, Query, SessionsQuery, SetChainTableOp,
-    command, query,
+    ChainTableQuery, CloseOp, GcQuery, GetAttrQuery, PruneSessionsOp, PurgeOp, Query, Session,
+    SessionsQuery, SetChainTableOp, command, query,
 };
 use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
 use fs3_proto::mgmtd::{HeartbeatRequest, NodeKind};
+use fs3_proto::storage::ChunkId;
 
 use crate::service::{MetaApi, now_ns};
 
@@ -162,11 +165,77 @@ async fn expire_sessions(api: &MetaApi, lease: Duration) -> Result<(), String> {
     };
     for client in expired {
         tracing::info!(client, "client went silent; ending its write sessions");
+        for session in sessions.sessions.iter().filter(|s| s.client == client) {
+            // A writer that died before reporting leaves bytes past the recorded length: the
+            // length is taken from what the chunks hold.
+            if let Err(error) = close_from_storage(api, session).await {
+                tracing::warn!(inode = session.inode, %error, "could not recover a length from storage");
+            }
+        }
         propose(api, command::Op::PruneSessions(PruneSessionsOp { client })).await?;
         api.live().clients.remove(&client);
         api.metrics().clients_expired.inc();
     }
     Ok(())
+}
+
+/// Most chunks probed past a file's recorded end when recovering a dead writer's length.
+const MAX_LENGTH_PROBES: u64 = 1 << 16;
+
+/// Ends `session` with the length its file's chunks on storage give: the end of the last chunk
+/// in the unbroken run of chunks from the recorded end on (writes past a hole are not found).
+async fn close_from_storage(api: &MetaApi, session: &Session) -> Result<(), String> {
+    let inode = local_query(
+        api,
+        query::Op::GetAttr(GetAttrQuery {
+            inode: session.inode,
+        }),
+    )
+    .await?
+    .inode
+    .ok_or_else(|| "no inode".to_string())?;
+    let Some(layout) = inode
+        .layout
+        .as_ref()
+        .filter(|l| !l.chains.is_empty() && l.chunk_size > 0)
+    else {
+        return Ok(());
+    };
+    let mut length = inode.length;
+    let first = inode.length / layout.chunk_size;
+    for index in first..first + MAX_LENGTH_PROBES {
+        let chain = layout.chains[(index % layout.chains.len() as u64) as usize];
+        let id = ChunkId {
+            inode: inode.id,
+            index,
+        };
+        match api.chunks.read(chain, id, 0, 0).await {
+            Ok(chunk) => {
+                length = length.max(index * layout.chunk_size + u64::from(chunk.chunk_length));
+            }
+            Err(ClientError::NotFound(_)) => break,
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+    if length > inode.length {
+        tracing::info!(
+            inode = inode.id,
+            from = inode.length,
+            to = length,
+            "recovered a dead writer's length"
+        );
+    }
+    propose(
+        api,
+        command::Op::Close(CloseOp {
+            inode: inode.id,
+            session: session.id,
+            length,
+            keep_open: false,
+            wrote: length > inode.length,
+        }),
+    )
+    .await
 }
 
 async fn collect_garbage(api: &MetaApi, delay: Duration) -> Result<(), String> {

@@ -180,9 +180,19 @@ mod tests {
         let made = admin_token(&path, true).unwrap();
         assert_eq!(made.len(), 64);
         let mode = std::fs::metadata(&path).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
-        assert_eq!(admin_token(&path, false).unwrap(), made, "read back, not remade");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        assert_eq!(
+            admin_token(&path, false).unwrap(),
+            made,
+            "read back, not remade"
+        );
         std::fs::write(&path, "  \n").unwrap();
-        assert!(admin_token(&path, true).is_err(), "an empty file is refused");
+        assert!(
+            admin_token(&path, true).is_err(),
+            "an empty file is refused"
+        );
     }
 }

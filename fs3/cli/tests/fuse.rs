@@ -391,6 +391,31 @@ async fn posix_semantics_match_a_local_directory() {
             root.display()
         );
     }
+    // A file created read-only stays writable through the descriptor that created it.
+    for root in [&local, &fs3] {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(root.join("readonly"))
+            .unwrap();
+        file.write_all(b"written anyway").unwrap();
+        file.set_len(7).unwrap();
+        file.sync_all().unwrap();
+        drop(file);
+        assert_eq!(std::fs::read(root.join("readonly")).unwrap(), b"written");
+        let again = std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.join("readonly"));
+        // Root may open it again; the mode still says read-only.
+        assert!(again.is_ok());
+        let mode = std::fs::metadata(root.join("readonly"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o444);
+    }
     // NUL never reaches the kernel; the native client refuses it with EINVAL.
     let client = cluster.fs_client().await.unwrap();
     let nul = client

@@ -397,20 +397,65 @@ impl Fs3 {
         truncate: bool,
     ) -> Result<(Inode, WriteSession), FsError> {
         let result = self
-            .mutate(
+            .create_regular(
                 creds,
-                command::Op::Create(CreateOp {
-                    parent,
-                    name: name.to_vec(),
-                    kind: InodeKind::File as i32,
-                    mode,
-                    symlink_target: Vec::new(),
-                    exclusive,
-                    session_client: self.client_id,
-                    truncate,
-                }),
+                parent,
+                name,
+                mode,
+                exclusive,
+                truncate,
+                self.client_id,
             )
             .await?;
+        Self::with_session(result)
+    }
+
+    /// Creates (or, without `exclusive`, opens) a file without a write session: for callers
+    /// that open the session at the first write ([`Fs3::open_write`]), so that a file created
+    /// and closed unwritten costs one namespace change.
+    pub async fn create_file_unopened(
+        &self,
+        creds: &Credentials,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        exclusive: bool,
+        truncate: bool,
+    ) -> Result<Inode, FsError> {
+        let result = self
+            .create_regular(creds, parent, name, mode, exclusive, truncate, 0)
+            .await?;
+        Self::inode_of(result)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_regular(
+        &self,
+        creds: &Credentials,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        exclusive: bool,
+        truncate: bool,
+        session_client: u64,
+    ) -> Result<CommandResult, FsError> {
+        self.mutate(
+            creds,
+            command::Op::Create(CreateOp {
+                parent,
+                name: name.to_vec(),
+                kind: InodeKind::File as i32,
+                mode,
+                symlink_target: Vec::new(),
+                exclusive,
+                session_client,
+                truncate,
+            }),
+        )
+        .await
+    }
+
+    fn with_session(result: CommandResult) -> Result<(Inode, WriteSession), FsError> {
         let session = result.session;
         let inode = Self::inode_of(result)?;
         let written_to = inode.length;
@@ -425,12 +470,14 @@ impl Fs3 {
         ))
     }
 
-    /// Opens an existing file for writing (checks write permission, starts a session).
+    /// Opens an existing file for writing: starts a session (and checks write permission,
+    /// unless a trusted caller says it `already_permitted` the open).
     pub async fn open_write(
         &self,
         creds: &Credentials,
         id: u64,
         truncate: bool,
+        already_permitted: bool,
     ) -> Result<(Inode, WriteSession), FsError> {
         let result = self
             .mutate(
@@ -439,21 +486,11 @@ impl Fs3 {
                     inode: id,
                     session_client: self.client_id,
                     truncate,
+                    already_permitted,
                 }),
             )
             .await?;
-        let session = result.session;
-        let inode = Self::inode_of(result)?;
-        let written_to = inode.length;
-        Ok((
-            inode,
-            WriteSession {
-                inode: id,
-                session,
-                written_to: AtomicU64::new(written_to),
-                wrote: AtomicBool::new(false),
-            },
-        ))
+        Self::with_session(result)
     }
 
     /// Reports what a session wrote (fsync), or ends it (close). Returns the inode after.

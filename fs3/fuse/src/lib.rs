@@ -219,10 +219,29 @@ struct OpenFile {
     inode: Inode,
     /// The length when opened.
     open_length: u64,
-    /// Present when open for writing.
-    session: Option<WriteSession>,
+    /// Opened for writing (the kernel checked the permission at open).
+    writable: bool,
+    /// Who opened it: the write session is opened in their name.
+    opener: Credentials,
+    /// The write session, opened at the first write (or ftruncate): a file created or opened
+    /// for writing and closed unwritten costs meta nothing more.
+    session: tokio::sync::OnceCell<WriteSession>,
     /// The length last reported to meta through this handle.
     reported: AtomicU64,
+}
+
+impl OpenFile {
+    fn new(inode: Inode, writable: bool, opener: Credentials) -> OpenFile {
+        let open_length = inode.length;
+        OpenFile {
+            inode,
+            open_length,
+            writable,
+            opener,
+            session: tokio::sync::OnceCell::new(),
+            reported: AtomicU64::new(open_length),
+        }
+    }
 }
 
 /// What this mount has written to a file and not yet necessarily reported: open writers, the
@@ -371,7 +390,7 @@ impl Inner {
 
     fn add_handle(&self, file: OpenFile) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        if file.session.is_some() {
+        if file.writable {
             let mut sizes = lock(&self.sizes);
             let local = sizes.entry(file.inode.id).or_default();
             local.writers += 1;
@@ -385,6 +404,21 @@ impl Inner {
         lock(&self.handles).get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
+    /// The handle's write session, opened now if this is its first write.
+    async fn session_of<'f>(&self, file: &'f OpenFile) -> Result<&'f WriteSession, FsError> {
+        if !file.writable {
+            return Err(FsError::new(libc::EBADF, "not open for writing"));
+        }
+        file.session
+            .get_or_try_init(|| async {
+                self.fs
+                    .open_write(&file.opener, file.inode.id, false, true)
+                    .await
+                    .map(|(_, session)| session)
+            })
+            .await
+    }
+
     /// Reports a handle's written length to meta unless it is already there.
     async fn report(
         &self,
@@ -392,7 +426,7 @@ impl Inner {
         file: &OpenFile,
         keep_open: bool,
     ) -> Result<(), FsError> {
-        let Some(session) = &file.session else {
+        let Some(session) = file.session.get() else {
             return Ok(());
         };
         self.settle(file.inode.id).await?;
@@ -419,11 +453,9 @@ impl Inner {
         }
     }
 
-    fn open_flags(flags: OpenFlags) -> (bool, bool) {
+    fn is_writable(flags: OpenFlags) -> bool {
         let access = flags.0 & libc::O_ACCMODE;
-        let write = access == libc::O_WRONLY || access == libc::O_RDWR;
-        let truncate = flags.0 & libc::O_TRUNC != 0;
-        (write, truncate)
+        access == libc::O_WRONLY || access == libc::O_RDWR
     }
 }
 
@@ -489,17 +521,15 @@ impl Filesystem for Fs3Fuse {
     ) {
         let inner = self.inner.clone();
         let creds = credentials(req);
-        let session = fh
+        let by_handle = fh
             .and_then(|fh| inner.handle(fh).ok())
-            .and_then(|f| f.session.as_ref().map(|s| s.session))
-            .unwrap_or(0);
+            .filter(|f| f.writable && size.is_some());
         let mut op = SetAttrOp {
             inode: ino.0,
             mode: mode.map(|m| m & 0o7777),
             uid,
             gid,
             length: size,
-            session,
             ..SetAttrOp::default()
         };
         match atime {
@@ -518,6 +548,13 @@ impl Filesystem for Fs3Fuse {
             {
                 return reply.error(errno(&error));
             }
+            // ftruncate: the handle's session stands for the permission checked at open.
+            if let Some(file) = &by_handle {
+                match inner.session_of(file).await {
+                    Ok(session) => op.session = session.session,
+                    Err(error) => return reply.error(errno(&error)),
+                }
+            }
             match inner.fs.setattr(&creds, op).await {
                 Ok(inode) => {
                     if let Some(length) = size {
@@ -526,9 +563,7 @@ impl Filesystem for Fs3Fuse {
                             local.size = length;
                         }
                         for file in lock(&inner.handles).values() {
-                            if let Some(session) =
-                                file.session.as_ref().filter(|s| s.inode == ino.0)
-                            {
+                            if let Some(session) = file.session.get().filter(|s| s.inode == ino.0) {
                                 session.truncated_to(length);
                             }
                         }
@@ -696,30 +731,13 @@ impl Filesystem for Fs3Fuse {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let inner = self.inner.clone();
         let creds = credentials(req);
-        let (write, truncate) = Inner::open_flags(flags);
+        // The kernel has checked the permission (default_permissions) and applies O_TRUNC
+        // itself with a setattr; a writer's session waits for its first write.
+        let writable = Inner::is_writable(flags);
         self.spawn(async move {
-            let opened = if write {
-                inner
-                    .fs
-                    .open_write(&creds, ino.0, truncate)
-                    .await
-                    .map(|(inode, session)| (inode, Some(session)))
-            } else {
-                inner
-                    .fs
-                    .getattr(&creds, ino.0)
-                    .await
-                    .map(|inode| (inode, None))
-            };
-            match opened {
-                Ok((inode, session)) => {
-                    let open_length = inode.length;
-                    let fh = inner.add_handle(OpenFile {
-                        inode,
-                        open_length,
-                        session,
-                        reported: AtomicU64::new(open_length),
-                    });
+            match inner.fs.getattr(&creds, ino.0).await {
+                Ok(inode) => {
+                    let fh = inner.add_handle(OpenFile::new(inode, writable, creds));
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Err(error) => reply.error(errno(&error)),
@@ -745,7 +763,7 @@ impl Filesystem for Fs3Fuse {
         self.spawn(async move {
             match inner
                 .fs
-                .create_file(
+                .create_file_unopened(
                     &creds,
                     parent.0,
                     &name,
@@ -755,15 +773,9 @@ impl Filesystem for Fs3Fuse {
                 )
                 .await
             {
-                Ok((inode, session)) => {
-                    let open_length = inode.length;
+                Ok(inode) => {
                     let attr = inner.attr(&inode);
-                    let fh = inner.add_handle(OpenFile {
-                        inode,
-                        open_length,
-                        session: Some(session),
-                        reported: AtomicU64::new(open_length),
-                    });
+                    let fh = inner.add_handle(OpenFile::new(inode, true, creds));
                     reply.created(
                         &inner.options.cache_timeout,
                         &attr,
@@ -831,11 +843,14 @@ impl Filesystem for Fs3Fuse {
         };
         let data = Bytes::copy_from_slice(data);
         self.spawn(async move {
-            let writes = match (&file.session, inner.writes_of(ino.0)) {
-                (Some(_), Some(writes)) => writes,
-                _ => return reply.error(Errno::EBADF),
+            let Some(writes) = inner.writes_of(ino.0).filter(|_| file.writable) else {
+                return reply.error(Errno::EBADF);
             };
             if let Some(error) = writes.take_error() {
+                return reply.error(errno(&error));
+            }
+            // The session exists before any data lands (an unlinked file keeps it).
+            if let Err(error) = inner.session_of(&file).await {
                 return reply.error(errno(&error));
             }
             let len = data.len() as u64;
@@ -851,7 +866,7 @@ impl Filesystem for Fs3Fuse {
             let fs = inner.fs.clone();
             let background = file.clone();
             writes.start(offset, end, async move {
-                let result = match &background.session {
+                let result = match background.session.get() {
                     Some(session) => fs.write_at(&background.inode, session, offset, data).await,
                     None => Ok(()),
                 };
@@ -923,7 +938,7 @@ impl Filesystem for Fs3Fuse {
             if let Err(error) = inner.report(&creds, &file, false).await {
                 tracing::warn!(inode = ino.0, %error, "closing a write session failed");
             }
-            if file.session.is_some() {
+            if file.writable {
                 let mut sizes = lock(&inner.sizes);
                 if let Some(local) = sizes.get_mut(&ino.0) {
                     local.writers = local.writers.saturating_sub(1);

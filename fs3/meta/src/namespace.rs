@@ -453,7 +453,14 @@ pub fn create(
         if !is_file(&inode) {
             return Err(refuse(libc::EEXIST, "exists and is not a regular file"));
         }
-        return open_inode(table, ctx, &mut inode, op.session_client, op.truncate);
+        return open_inode(
+            table,
+            ctx,
+            &mut inode,
+            op.session_client,
+            op.truncate,
+            false,
+        );
     }
     if !perm::allowed(&parent, ctx.creds, WRITE | EXEC) {
         return Err(refuse(
@@ -566,6 +573,7 @@ fn open_inode(
     inode: &mut Inode,
     client: u64,
     truncate_it: bool,
+    already_permitted: bool,
 ) -> Result<CommandResult, OpError> {
     if !is_file(inode) {
         return Err(refuse(
@@ -577,7 +585,8 @@ fn open_inode(
             "only regular files are opened for writing",
         ));
     }
-    if (client != 0 || truncate_it) && !perm::allowed(inode, ctx.creds, WRITE) {
+    if (client != 0 || truncate_it) && !already_permitted && !perm::allowed(inode, ctx.creds, WRITE)
+    {
         return Err(refuse(
             libc::EACCES,
             format!("no permission to write inode {}", inode.id),
@@ -610,7 +619,14 @@ pub fn open(table: &mut MetaTable<'_>, ctx: Ctx<'_>, op: OpenOp) -> Result<Comma
             "open without a session or truncate does nothing",
         ));
     }
-    open_inode(table, ctx, &mut inode, op.session_client, op.truncate)
+    open_inode(
+        table,
+        ctx,
+        &mut inode,
+        op.session_client,
+        op.truncate,
+        op.already_permitted,
+    )
 }
 
 /// Drops one link to `inode` (already out of its directory); a file with no links left keeps

@@ -278,6 +278,11 @@ impl MetaApi {
         };
         command.creds = Some(Self::credentials(&identity, command.creds.take()));
         command.now_ns = now_ns();
+        if let (Identity::User(_), Some(command::Op::Open(open))) = (&identity, command.op.as_mut())
+        {
+            // Only a trusted client (a mount, whose kernel checked at open) may vouch for it.
+            open.already_permitted = false;
+        }
         let result = self.node.propose(command).await.map_err(status)?;
         if let (0, Some(length), Some(inode)) = (result.errno, truncating, result.inode.as_ref())
             && length < inode.max_length

@@ -356,6 +356,24 @@ fn permissions_and_the_sticky_bit() {
 }
 
 #[test]
+fn a_trusted_opener_may_vouch_for_the_write_permission() {
+    let mut ns = Ns::new();
+    let file = ns.create(root(), ROOT, "x", InodeKind::File, 0o444);
+    let open = |already_permitted| {
+        command::Op::Open(fs3_proto::meta::OpenOp {
+            inode: file,
+            session_client: 5,
+            truncate: false,
+            already_permitted,
+        })
+    };
+    assert_eq!(ns.errno(user(10), open(false)), libc::EACCES);
+    let opened = ns.ok(user(10), open(true));
+    assert_ne!(opened.session, 0);
+    assert_eq!(opened.inode.unwrap().sessions, 1);
+}
+
+#[test]
 fn unlinked_files_wait_for_their_sessions_then_for_collection() {
     let mut ns = Ns::new();
     let created = ns.ok(

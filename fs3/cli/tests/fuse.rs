@@ -416,6 +416,26 @@ async fn posix_semantics_match_a_local_directory() {
             .mode();
         assert_eq!(mode & 0o777, 0o444);
     }
+    // An unlinked file lives while open, even past meta's collection delay (2 s here), and
+    // even when the first write comes after the unlink.
+    for root in [&local, &fs3] {
+        use std::io::{Read as _, Seek as _};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(root.join("doomed"))
+            .unwrap();
+        std::fs::remove_file(root.join("doomed")).unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        file.write_all(b"still here").unwrap();
+        file.sync_all().unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        file.rewind().unwrap();
+        let mut back = String::new();
+        file.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "still here", "{}", root.display());
+    }
     // NUL never reaches the kernel; the native client refuses it with EINVAL.
     let client = cluster.fs_client().await.unwrap();
     let nul = client

@@ -509,6 +509,7 @@ impl Fs3 {
                     length: session.written_to(),
                     keep_open,
                     wrote: session.wrote.swap(false, Ordering::AcqRel),
+                    client: self.client_id,
                 }),
             )
             .await?,
@@ -716,7 +717,7 @@ impl Fs3 {
         let len = data.len() as u64;
         let end = offset
             .checked_add(len)
-            .filter(|end| *end <= i64::MAX as u64)
+            .filter(|end| *end <= crate::MAX_FILE_SIZE)
             .ok_or_else(|| FsError::new(libc::EFBIG, "write past the largest file size"))?;
         let chunk_size = layout.chunk_size;
         let jobs = pieces(chunk_size, offset, len).into_iter().map(|piece| {

@@ -13,6 +13,10 @@ pub use fs::{Fs3, Fs3Options, FsError, WriteSession};
 /// The root directory's inode id.
 pub const ROOT: u64 = 1;
 
+/// Largest file length (as ext4 with 4 KiB blocks): beyond it, EFBIG. It also bounds the work of
+/// cutting or collecting a file's chunks.
+pub const MAX_FILE_SIZE: u64 = 16 << 40;
+
 pub use chunks::{ChunkClient, ChunkData, ChunkUpdate};
 pub use routing::{Routing, RoutingCache};
 

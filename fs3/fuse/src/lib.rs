@@ -223,11 +223,14 @@ struct OpenFile {
     writable: bool,
     /// Who opened it: the write session is opened in their name.
     opener: Credentials,
-    /// The write session, opened at the first write (or ftruncate): a file created or opened
-    /// for writing and closed unwritten costs meta nothing more.
-    session: tokio::sync::OnceCell<WriteSession>,
+    /// The write session, opened at the first write (or ftruncate), with the inode as it was
+    /// then (its layout is final once a session is open): a file created or opened for
+    /// writing and closed unwritten costs meta nothing more.
+    session: tokio::sync::OnceCell<(Inode, WriteSession)>,
     /// The length last reported to meta through this handle.
     reported: AtomicU64,
+    /// The file's write-back failures this handle has been told of.
+    seen_error: AtomicU64,
 }
 
 impl OpenFile {
@@ -240,7 +243,13 @@ impl OpenFile {
             opener,
             session: tokio::sync::OnceCell::new(),
             reported: AtomicU64::new(open_length),
+            seen_error: AtomicU64::new(0),
         }
+    }
+
+    /// The inode to do I/O with: as of the session's opening if it has one, else of the open.
+    fn current_inode(&self) -> &Inode {
+        self.session.get().map_or(&self.inode, |(inode, _)| inode)
     }
 }
 
@@ -348,12 +357,20 @@ impl Inner {
         lock(&self.sizes).get(&ino).map(|s| s.writes.clone())
     }
 
-    /// Waits for this mount's pending writes to `ino`, and takes their first failure.
-    async fn settle(&self, ino: u64) -> Result<(), FsError> {
-        match self.writes_of(ino) {
+    /// Waits for this mount's pending writes to `ino`.
+    async fn wait_writes(&self, ino: u64) {
+        if let Some(writes) = self.writes_of(ino) {
+            writes.all().await;
+        }
+    }
+
+    /// Waits for this mount's pending writes to the file, and returns the first failure among
+    /// them that `file` has not been told of.
+    async fn settle(&self, file: &OpenFile) -> Result<(), FsError> {
+        match self.writes_of(file.inode.id) {
             Some(writes) => {
                 writes.all().await;
-                writes.take_error().map_or(Ok(()), Err)
+                writes.error_since(&file.seen_error).map_or(Ok(()), Err)
             }
             None => Ok(()),
         }
@@ -390,11 +407,18 @@ impl Inner {
 
     fn add_handle(&self, file: OpenFile) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        if file.writable {
+        {
             let mut sizes = lock(&self.sizes);
-            let local = sizes.entry(file.inode.id).or_default();
-            local.writers += 1;
-            local.size = local.size.max(file.open_length);
+            if file.writable {
+                let local = sizes.entry(file.inode.id).or_default();
+                local.writers += 1;
+                local.size = local.size.max(file.open_length);
+            }
+            // Failures before the open are not this handle's to report.
+            if let Some(local) = sizes.get(&file.inode.id) {
+                file.seen_error
+                    .store(local.writes.error_generation(), Ordering::Release);
+            }
         }
         lock(&self.handles).insert(fh, Arc::new(file));
         fh
@@ -410,13 +434,9 @@ impl Inner {
             return Err(FsError::new(libc::EBADF, "not open for writing"));
         }
         file.session
-            .get_or_try_init(|| async {
-                self.fs
-                    .open_write(&file.opener, file.inode.id, false, true)
-                    .await
-                    .map(|(_, session)| session)
-            })
+            .get_or_try_init(|| self.fs.open_write(&file.opener, file.inode.id, false, true))
             .await
+            .map(|(_, session)| session)
     }
 
     /// Reports a handle's written length to meta unless it is already there.
@@ -426,10 +446,11 @@ impl Inner {
         file: &OpenFile,
         keep_open: bool,
     ) -> Result<(), FsError> {
-        let Some(session) = file.session.get() else {
+        // fsync and close through any handle wait for this mount's writes to the file.
+        self.settle(file).await?;
+        let Some((_, session)) = file.session.get() else {
             return Ok(());
         };
-        self.settle(file.inode.id).await?;
         let written = session.written_to();
         if keep_open
             && file.reported.load(Ordering::Acquire) == written
@@ -440,6 +461,27 @@ impl Inner {
         self.fs.sync_session(creds, session, keep_open).await?;
         file.reported.store(written, Ordering::Release);
         Ok(())
+    }
+
+    /// Writable handles here whose session is not open yet would lose the file to garbage
+    /// collection once it is unlinked (POSIX keeps it while open): open theirs first.
+    async fn open_sessions_before_unlink(&self, creds: &Credentials, parent: u64, name: &[u8]) {
+        let unopened: Vec<Arc<OpenFile>> = lock(&self.handles)
+            .values()
+            .filter(|f| f.writable && f.session.get().is_none())
+            .cloned()
+            .collect();
+        if unopened.is_empty() {
+            return;
+        }
+        let Ok(target) = self.fs.lookup(creds, parent, name).await else {
+            return;
+        };
+        for file in unopened.iter().filter(|f| f.inode.id == target.id) {
+            if let Err(error) = self.session_of(file).await {
+                tracing::warn!(inode = target.id, %error, "could not open a session before unlink");
+            }
+        }
     }
 
     fn entry_reply(&self, reply: ReplyEntry, result: Result<Inode, FsError>) {
@@ -543,10 +585,8 @@ impl Filesystem for Fs3Fuse {
             None => {}
         }
         self.spawn(async move {
-            if size.is_some()
-                && let Err(error) = inner.settle(ino.0).await
-            {
-                return reply.error(errno(&error));
+            if size.is_some() {
+                inner.wait_writes(ino.0).await;
             }
             // ftruncate: the handle's session stands for the permission checked at open.
             if let Some(file) = &by_handle {
@@ -563,7 +603,9 @@ impl Filesystem for Fs3Fuse {
                             local.size = length;
                         }
                         for file in lock(&inner.handles).values() {
-                            if let Some(session) = file.session.get().filter(|s| s.inode == ino.0) {
+                            if let Some((_, session)) =
+                                file.session.get().filter(|(_, s)| s.inode == ino.0)
+                            {
                                 session.truncated_to(length);
                             }
                         }
@@ -812,10 +854,11 @@ impl Filesystem for Fs3Fuse {
                     .overlapping(offset, offset.saturating_add(u64::from(size)))
                     .await;
             }
-            let length = inner.size_of(&file.inode).max(file.open_length);
+            let inode = file.current_inode();
+            let length = inner.size_of(inode).max(file.open_length);
             match inner
                 .fs
-                .read_at(&file.inode, length, offset, u64::from(size))
+                .read_at(inode, length, offset, u64::from(size))
                 .await
             {
                 Ok(data) => reply.data(&data),
@@ -846,7 +889,7 @@ impl Filesystem for Fs3Fuse {
             let Some(writes) = inner.writes_of(ino.0).filter(|_| file.writable) else {
                 return reply.error(Errno::EBADF);
             };
-            if let Some(error) = writes.take_error() {
+            if let Some(error) = writes.error_since(&file.seen_error) {
                 return reply.error(errno(&error));
             }
             // The session exists before any data lands (an unlinked file keeps it).
@@ -867,7 +910,7 @@ impl Filesystem for Fs3Fuse {
             let background = file.clone();
             writes.start(offset, end, async move {
                 let result = match background.session.get() {
-                    Some(session) => fs.write_at(&background.inode, session, offset, data).await,
+                    Some((inode, session)) => fs.write_at(inode, session, offset, data).await,
                     None => Ok(()),
                 };
                 drop(permit);
@@ -936,7 +979,14 @@ impl Filesystem for Fs3Fuse {
         let creds = credentials(req);
         self.spawn(async move {
             if let Err(error) = inner.report(&creds, &file, false).await {
-                tracing::warn!(inode = ino.0, %error, "closing a write session failed");
+                tracing::warn!(inode = ino.0, %error, "reporting at close failed");
+                // The session must end whatever failed before, or an unlinked file would be
+                // kept for as long as this mount lives.
+                if let Some((_, session)) = file.session.get()
+                    && let Err(error) = inner.fs.sync_session(&creds, session, false).await
+                {
+                    tracing::warn!(inode = ino.0, %error, "closing a write session failed");
+                }
             }
             if file.writable {
                 let mut sizes = lock(&inner.sizes);
@@ -1053,6 +1103,11 @@ impl Fs3Fuse {
         let creds = credentials(req);
         let name = name.as_bytes().to_vec();
         self.spawn(async move {
+            if !directory {
+                inner
+                    .open_sessions_before_unlink(&creds, parent.0, &name)
+                    .await;
+            }
             match inner.fs.remove(&creds, parent.0, &name, directory).await {
                 Ok(()) => reply.ok(),
                 Err(error) => reply.error(errno(&error)),

@@ -38,6 +38,15 @@ pub fn garbage(inode: u64) -> Vec<u8> {
 /// The prefix of every garbage record.
 pub const GARBAGE_PREFIX: &[u8] = b"GCQ_";
 
+/// `DEAD` + inode -> the purged file's last `Inode` (its chunks' extent), until they are
+/// removed from storage.
+pub fn purged(inode: u64) -> Vec<u8> {
+    with_id(b"DEAD", inode)
+}
+
+/// The prefix of every purged-file record.
+pub const PURGED_PREFIX: &[u8] = b"DEAD";
+
 /// `USER` + SHA-256 of the token -> `UserRecord`.
 pub fn user(token_sha256: &[u8]) -> Vec<u8> {
     let mut key = b"USER".to_vec();

@@ -56,6 +56,7 @@ fn apply_op(
             namespace::prune_sessions(table, ctx, op.client).map(|_| CommandResult::default())
         }
         Op::Purge(op) => namespace::purge(table, op.inode),
+        Op::Forget(op) => namespace::forget(table, op.inode),
     }
 }
 
@@ -135,25 +136,38 @@ fn run_query(
             }
         }
         Op::Gc(q) => {
-            let end = keys::prefix_end(keys::GARBAGE_PREFIX);
             let limit = q.limit.clamp(1, MAX_READ_DIR) as usize;
-            for item in table.range::<&[u8]>(keys::GARBAGE_PREFIX..end.as_slice())? {
+            let prefix = if q.purged {
+                keys::PURGED_PREFIX
+            } else {
+                keys::GARBAGE_PREFIX
+            };
+            let end = keys::prefix_end(prefix);
+            for item in table.range::<&[u8]>(prefix..end.as_slice())? {
                 let (key, value) = item?;
-                let when = <[u8; 8]>::try_from(value.value()).map(i64::from_be_bytes);
                 let Some(id) = keys::id_in(key.value()) else {
                     continue;
                 };
-                if when.is_ok_and(|t| t < q.before_ns) {
-                    result
-                        .inodes
-                        .push(namespace::get_inode(table, id)?.unwrap_or(Inode {
-                            id,
-                            ..Inode::default()
-                        }));
-                    if result.inodes.len() == limit {
-                        result.more = true;
-                        break;
+                let inode = if q.purged {
+                    Inode::decode(value.value()).map_err(|e| {
+                        OpError::Storage(StateMachineError::Corrupt(format!(
+                            "purged record {id} does not decode: {e}"
+                        )))
+                    })?
+                } else {
+                    let due = <[u8; 8]>::try_from(value.value())
+                        .map(i64::from_be_bytes)
+                        .is_ok_and(|t| t < q.before_ns);
+                    // Never offer a file somebody can still reach or write.
+                    match namespace::get_inode(table, id)? {
+                        Some(inode) if due && inode.nlink == 0 && inode.sessions == 0 => inode,
+                        _ => continue,
                     }
+                };
+                result.inodes.push(inode);
+                if result.inodes.len() == limit {
+                    result.more = true;
+                    break;
                 }
             }
         }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use ff_raft::{Consistency, Role};
 use fs3_client::ClientError;
 use fs3_proto::meta::{
-    ChainTableQuery, CloseOp, GcQuery, GetAttrQuery, PruneSessionsOp, PurgeOp, Query, Session,
-    SessionsQuery, SetChainTableOp, command, query,
+    ChainTableQuery, CloseOp, ForgetOp, GcQuery, GetAttrQuery, PruneSessionsOp, PurgeOp, Query,
+    Session, SessionsQuery, SetChainTableOp, command, query,
 };
 use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
 use fs3_proto::mgmtd::{HeartbeatRequest, NodeKind};
@@ -58,8 +58,8 @@ pub async fn heartbeats(api: MetaApi, node_id: u64, addr: String, interval: Dura
     }
 }
 
-/// The leader's housekeeping every `interval`: chain tables, sessions, garbage.
-pub async fn run(api: MetaApi, interval: Duration, session_lease: Duration, gc_delay: Duration) {
+/// The leader's housekeeping every `interval`: chain tables and expired sessions.
+pub async fn run(api: MetaApi, interval: Duration, session_lease: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -84,6 +84,19 @@ pub async fn run(api: MetaApi, interval: Duration, session_lease: Duration, gc_d
         }
         if let Err(error) = expire_sessions(&api, session_lease).await {
             tracing::debug!(%error, "expiring sessions failed");
+        }
+    }
+}
+
+/// The leader's garbage collector every `interval`, apart from the housekeeping so that a
+/// large file's chunks never hold up session expiry.
+pub async fn collect(api: MetaApi, interval: Duration, gc_delay: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if api.node.status().role != Role::Leader {
+            continue;
         }
         if let Err(error) = collect_garbage(&api, gc_delay).await {
             tracing::warn!(%error, "garbage collection round failed");
@@ -211,7 +224,10 @@ async fn close_from_storage(api: &MetaApi, session: &Session) -> Result<(), Stri
         };
         match api.chunks.read(chain, id, 0, 0).await {
             Ok(chunk) => {
-                length = length.max(index * layout.chunk_size + u64::from(chunk.chunk_length));
+                let end = index
+                    .saturating_mul(layout.chunk_size)
+                    .saturating_add(u64::from(chunk.chunk_length));
+                length = length.max(end.min(fs3_client::MAX_FILE_SIZE));
             }
             Err(ClientError::NotFound(_)) => break,
             Err(error) => return Err(error.to_string()),
@@ -233,11 +249,15 @@ async fn close_from_storage(api: &MetaApi, session: &Session) -> Result<(), Stri
             length,
             keep_open: false,
             wrote: length > inode.length,
+            client: session.client,
         }),
     )
     .await
 }
 
+/// Purges unlinked files whose delay has passed (nobody can open them after that), then removes
+/// the chunks of purged files and forgets them. A file that fails is retried next round; the
+/// others go on.
 async fn collect_garbage(api: &MetaApi, delay: Duration) -> Result<(), String> {
     let delay_ns = i64::try_from(delay.as_nanos()).unwrap_or(i64::MAX);
     let due = local_query(
@@ -245,14 +265,35 @@ async fn collect_garbage(api: &MetaApi, delay: Duration) -> Result<(), String> {
         query::Op::Gc(GcQuery {
             before_ns: now_ns().saturating_sub(delay_ns),
             limit: GC_BATCH,
+            purged: false,
         }),
     )
     .await?;
     for inode in due.inodes {
-        api.cut_chunks(&inode, 0, inode.max_length.max(inode.length))
-            .await
-            .map_err(|e| format!("removing the chunks of inode {}: {e}", inode.id))?;
-        propose(api, command::Op::Purge(PurgeOp { inode: inode.id })).await?;
+        // Refused (EBUSY) if a session opened since the query: the file stays.
+        if let Err(error) = propose(api, command::Op::Purge(PurgeOp { inode: inode.id })).await {
+            tracing::debug!(inode = inode.id, %error, "not purged");
+        }
+    }
+    let purged = local_query(
+        api,
+        query::Op::Gc(GcQuery {
+            before_ns: 0,
+            limit: GC_BATCH,
+            purged: true,
+        }),
+    )
+    .await?;
+    for inode in purged.inodes {
+        let extent = inode
+            .max_length
+            .max(inode.length)
+            .min(fs3_client::MAX_FILE_SIZE);
+        if let Err(error) = api.cut_chunks(&inode, 0, extent).await {
+            tracing::warn!(inode = inode.id, %error, "removing a purged file's chunks failed; retrying later");
+            continue;
+        }
+        propose(api, command::Op::Forget(ForgetOp { inode: inode.id })).await?;
         api.metrics().files_collected.inc();
         tracing::debug!(inode = inode.id, "collected an unlinked file");
     }

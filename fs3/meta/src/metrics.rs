@@ -22,6 +22,7 @@ pub fn command_name(op: &command::Op) -> &'static str {
         Op::AddUser(_) => "add_user",
         Op::PruneSessions(_) => "prune_sessions",
         Op::Purge(_) => "purge",
+        Op::Forget(_) => "forget",
     }
 }
 

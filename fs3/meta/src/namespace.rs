@@ -24,6 +24,8 @@ pub const PATH_MAX: usize = 4096;
 pub const CHUNK_SIZES: std::ops::RangeInclusive<u64> = (64 << 10)..=(64 << 20);
 /// Most chains one file may spread over.
 pub const MAX_STRIPE: u32 = 256;
+/// Largest file length: beyond it, EFBIG (see [`fs3_client::MAX_FILE_SIZE`]).
+pub const MAX_FILE_SIZE: u64 = fs3_client::MAX_FILE_SIZE;
 /// The root's layout until an operator sets another: 1 MiB chunks over up to 16 chains of
 /// chain table 1.
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
@@ -497,8 +499,13 @@ pub fn create(
         ctx.creds.gid
     };
     let mut mode = op.mode & 0o7777;
-    if kind == InodeKind::Directory && setgid_dir {
-        mode |= SET_GID;
+    if kind == InodeKind::Directory {
+        // As Linux's mkdir: set-user-id and set-group-id are not taken from the mode; the
+        // group bit comes from a set-group-id parent.
+        mode &= !(SET_UID | SET_GID);
+        if setgid_dir {
+            mode |= SET_GID;
+        }
     }
     if kind == InodeKind::File
         && mode & SET_GID != 0
@@ -597,6 +604,11 @@ fn open_inode(
         truncate(table, inode, 0, ctx.now)?;
     }
     let session = if client != 0 {
+        if inode.nlink == 0 {
+            // An unlinked file still open (a handle opened before the unlink starting its
+            // session late): out of the garbage queue until its last session ends.
+            table.remove(keys::garbage(inode.id).as_slice())?;
+        }
         open_session(table, ctx, inode, client)?
     } else {
         0
@@ -719,7 +731,8 @@ pub fn remove(
     ctx: Ctx<'_>,
     op: &RemoveOp,
 ) -> Result<CommandResult, OpError> {
-    let mut parent = searchable_dir(table, op.parent, ctx.creds, WRITE)?;
+    // As Linux: search permission, then the name must exist, then write permission.
+    let mut parent = searchable_dir(table, op.parent, ctx.creds, 0)?;
     match op.name.as_slice() {
         b"." if op.directory => return Err(refuse(libc::EINVAL, "cannot remove '.'")),
         b".." if op.directory => return Err(refuse(libc::ENOTEMPTY, "cannot remove '..'")),
@@ -739,6 +752,7 @@ pub fn remove(
         )
     })?;
     let child = need_inode(table, entry.inode)?;
+    require_write(&parent, ctx.creds)?;
     check_removable(&parent, &child, ctx.creds, op.directory)?;
     if op.directory && !dir_is_empty(table, child.id)? {
         return Err(refuse(libc::ENOTEMPTY, "directory not empty"));
@@ -746,6 +760,18 @@ pub fn remove(
     unlink_entry(table, ctx, &mut parent, &op.name, child)?;
     put_inode(table, &parent)?;
     Ok(CommandResult::default())
+}
+
+/// Write permission on a directory whose entries change.
+fn require_write(dir: &Inode, creds: &Credentials) -> Result<(), OpError> {
+    if perm::allowed(dir, creds, WRITE) {
+        Ok(())
+    } else {
+        Err(refuse(
+            libc::EACCES,
+            format!("no permission to change directory {}", dir.id),
+        ))
+    }
 }
 
 /// Whether `ancestor` is `dir` or one of its ancestors.
@@ -781,8 +807,8 @@ pub fn rename(
     }
     check_name(&op.name, libc::EBUSY)?;
     check_name(&op.new_name, libc::EBUSY)?;
-    let mut src_dir = searchable_dir(table, op.parent, ctx.creds, WRITE)?;
-    let mut dst_dir = searchable_dir(table, op.new_parent, ctx.creds, WRITE)?;
+    let mut src_dir = searchable_dir(table, op.parent, ctx.creds, 0)?;
+    let mut dst_dir = searchable_dir(table, op.new_parent, ctx.creds, 0)?;
     let entry = get_entry(table, op.parent, &op.name)?.ok_or_else(|| {
         refuse(
             libc::ENOENT,
@@ -790,11 +816,16 @@ pub fn rename(
         )
     })?;
     let mut moving = need_inode(table, entry.inode)?;
+    require_write(&src_dir, ctx.creds)?;
+    require_write(&dst_dir, ctx.creds)?;
     if !perm::sticky_allows(&src_dir, &moving, ctx.creds) {
         return Err(refuse(libc::EPERM, "the sticky bit protects this entry"));
     }
     let same_dir = op.parent == op.new_parent;
     if same_dir && op.name == op.new_name {
+        if op.no_replace {
+            return Err(refuse(libc::EEXIST, "the target exists"));
+        }
         return Ok(CommandResult::default());
     }
     let moving_dir = is_dir(&moving);
@@ -945,7 +976,7 @@ pub fn set_attr(
                 ));
             }
         }
-        if (new_uid != inode.uid || new_gid != inode.gid || creds.uid != 0) && !is_dir(&inode) {
+        if !is_dir(&inode) {
             // As Linux: chown clears set-user-id, and set-group-id when group-executable.
             inode.mode &= !SET_UID;
             if inode.mode & 0o010 != 0 {
@@ -962,10 +993,14 @@ pub fn set_attr(
         if !is_file(&inode) {
             return Err(refuse(libc::EINVAL, "not a regular file"));
         }
+        if length > MAX_FILE_SIZE {
+            return Err(refuse(
+                libc::EFBIG,
+                format!("{length} bytes exceeds the largest file ({MAX_FILE_SIZE})"),
+            ));
+        }
         let by_session = op.session != 0
-            && table
-                .get(keys::session(inode.id, op.session).as_slice())?
-                .is_some();
+            && session_client(table, inode.id, op.session)? == Some(op.session_client);
         if !by_session && !perm::allowed(&inode, creds, WRITE) {
             return Err(refuse(libc::EACCES, "no permission to truncate"));
         }
@@ -1002,16 +1037,28 @@ pub fn close(
     if !is_file(&inode) {
         return Err(refuse(libc::EINVAL, "not a regular file"));
     }
-    let key = keys::session(inode.id, op.session);
-    let open = table.get(key.as_slice())?.is_some();
-    if op.length > inode.length {
-        set_length(table, &mut inode, op.length)?;
+    // The session id with its client is the capability: ids are log indices, easy to guess;
+    // client ids are random.
+    if session_client(table, inode.id, op.session)? != Some(op.client) {
+        return Err(refuse(
+            libc::EBADF,
+            format!(
+                "no session {} of this client on inode {}",
+                op.session, inode.id
+            ),
+        ));
+    }
+    if op.length > MAX_FILE_SIZE {
+        return Err(refuse(libc::EFBIG, "length exceeds the largest file"));
     }
     if op.wrote {
+        if op.length > inode.length {
+            set_length(table, &mut inode, op.length)?;
+        }
         touch(&mut inode, ctx.now);
     }
-    if open && !op.keep_open {
-        table.remove(key.as_slice())?;
+    if !op.keep_open {
+        table.remove(keys::session(inode.id, op.session).as_slice())?;
         end_session(table, ctx.now, &mut inode)?;
     }
     put_inode(table, &inode)?;
@@ -1019,6 +1066,24 @@ pub fn close(
         inode: Some(inode),
         ..CommandResult::default()
     })
+}
+
+/// The client holding session `session` of `inode`, if it is open.
+fn session_client(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    inode: u64,
+    session: u64,
+) -> Result<Option<u64>, OpError> {
+    match table.get(keys::session(inode, session).as_slice())? {
+        Some(value) => {
+            let raw: [u8; 8] = value
+                .value()
+                .try_into()
+                .map_err(|_| corrupt("session record is not 8 bytes".to_string()))?;
+            Ok(Some(u64::from_be_bytes(raw)))
+        }
+        None => Ok(None),
+    }
 }
 
 fn end_session(table: &mut MetaTable<'_>, now: i64, inode: &mut Inode) -> Result<(), OpError> {
@@ -1063,10 +1128,23 @@ pub fn purge(table: &mut MetaTable<'_>, id: u64) -> Result<CommandResult, OpErro
     if inode.nlink != 0 || inode.sessions != 0 {
         return Err(refuse(libc::EBUSY, format!("inode {id} is still in use")));
     }
+    // Nobody can open it once this commits, so removing its chunks afterwards is safe; the
+    // record of their extent stays until they are gone.
+    let extent = inode.clone();
     set_length(table, &mut inode, 0)?;
     table.remove(keys::inode(id).as_slice())?;
     table.remove(keys::garbage(id).as_slice())?;
+    table.insert(
+        keys::purged(id).as_slice(),
+        extent.encode_to_vec().as_slice(),
+    )?;
     add_to_counter(table, keys::FILES, -1)?;
+    Ok(CommandResult::default())
+}
+
+/// Drops a purged file's record once its chunks are removed from storage.
+pub fn forget(table: &mut MetaTable<'_>, id: u64) -> Result<CommandResult, OpError> {
+    table.remove(keys::purged(id).as_slice())?;
     Ok(CommandResult::default())
 }
 
@@ -1088,10 +1166,10 @@ pub fn set_layout(
             ..layout
         });
     } else if is_file(&inode) {
-        if inode.max_length != 0 {
+        if inode.max_length != 0 || inode.sessions != 0 {
             return Err(refuse(
                 libc::EBUSY,
-                "a file's layout can only change while it is empty",
+                "a file's layout can only change while it is empty and nobody writes it",
             ));
         }
         inode.layout = Some(file_layout(table, &layout, inode.id)?);

@@ -143,9 +143,13 @@ impl Meta {
                 config.heartbeat_interval.get(),
             )),
             tokio::spawn(crate::maintenance::run(
-                api,
+                api.clone(),
                 config.maintenance_interval.get(),
                 config.session_lease.get(),
+            )),
+            tokio::spawn(crate::maintenance::collect(
+                api,
+                config.maintenance_interval.get(),
                 config.gc_delay.get(),
             )),
         ];

@@ -223,7 +223,7 @@ impl MetaApi {
         };
         let chunk_size = layout.chunk_size.max(1);
         let first = length / chunk_size;
-        let end = upto.div_ceil(chunk_size);
+        let end = upto.min(fs3_client::MAX_FILE_SIZE).div_ceil(chunk_size);
         let jobs = (first..end).map(|index| {
             let chain = layout.chains[(index % layout.chains.len() as u64) as usize];
             let within = length.saturating_sub(index * chunk_size);
@@ -264,6 +264,7 @@ impl MetaApi {
                 | command::Op::AddUser(_)
                 | command::Op::PruneSessions(_)
                 | command::Op::Purge(_)
+                | command::Op::Forget(_)
         );
         if service_only && !matches!(identity, Identity::Admin) {
             return Err(Status::permission_denied(

@@ -389,40 +389,80 @@ fn unlinked_files_wait_for_their_sessions_then_for_collection() {
         }),
     );
     let inode = created.inode.unwrap().id;
-    ns.ok(
-        root(),
+    let close = |session, client, length, wrote, keep_open| {
         command::Op::Close(CloseOp {
             inode,
-            session: created.session,
-            length: 5000,
-            keep_open: true,
-            wrote: true,
-        }),
+            session,
+            length,
+            keep_open,
+            wrote,
+            client,
+        })
+    };
+    // A session is used only with its client's id (ids are guessable log indices).
+    assert_eq!(
+        ns.errno(root(), close(created.session, 78, 9000, true, true)),
+        libc::EBADF
     );
+    ns.ok(root(), close(created.session, 77, 5000, true, true));
+    assert_eq!(ns.totals().1, 5000);
+    // A report with nothing new written does not extend the file (it would undo a truncate).
+    ns.ok(root(), close(created.session, 77, 8000, false, true));
     assert_eq!(ns.totals().1, 5000);
     ns.ok(root(), remove_op(ROOT, "f", false));
-    let gc = |ns: &Ns| {
+    let gc = |ns: &Ns, purged| {
         ns.query(
             root(),
             query::Op::Gc(GcQuery {
                 before_ns: i64::MAX,
                 limit: 10,
+                purged,
             }),
         )
         .inodes
         .len()
     };
-    assert_eq!(gc(&ns), 0, "open sessions keep an unlinked file");
+    assert_eq!(gc(&ns, false), 0, "open sessions keep an unlinked file");
     ns.ok(
         root(),
         command::Op::PruneSessions(fs3_proto::meta::PruneSessionsOp { client: 77 }),
     );
-    assert_eq!(gc(&ns), 1);
+    assert_eq!(gc(&ns, false), 1);
+    // A handle opened before the unlink starts its session late: the file leaves the queue.
+    let reopened = ns.ok(
+        root(),
+        command::Op::Open(fs3_proto::meta::OpenOp {
+            inode,
+            session_client: 79,
+            truncate: false,
+            already_permitted: true,
+        }),
+    );
+    assert_eq!(gc(&ns, false), 0, "a reopened unlinked file is not garbage");
+    assert_eq!(
+        ns.errno(
+            root(),
+            command::Op::Purge(fs3_proto::meta::PurgeOp { inode })
+        ),
+        libc::EBUSY
+    );
+    ns.ok(root(), close(reopened.session, 79, 0, false, false));
+    assert_eq!(gc(&ns, false), 1);
     ns.ok(
         root(),
         command::Op::Purge(fs3_proto::meta::PurgeOp { inode }),
     );
-    assert_eq!(gc(&ns), 0);
+    assert_eq!(
+        (gc(&ns, false), gc(&ns, true)),
+        (0, 1),
+        "purged, chunks still to remove"
+    );
+    assert!(ns.lookup(ROOT, "f").is_err());
+    ns.ok(
+        root(),
+        command::Op::Forget(fs3_proto::meta::ForgetOp { inode }),
+    );
+    assert_eq!(gc(&ns, true), 0);
     assert_eq!(ns.totals(), (1, 0));
 }
 

@@ -1,0 +1,934 @@
+//! The communicator: rendezvous, then collectives run in call order on the library's own
+//! threads. Every collective has a blocking form and an asynchronous one that returns a
+//! [`Handle`]. Algorithms here are flat rings over all ranks (reduce-scatter then all-gather
+//! for allreduce), pipelined by chunk: every message is at most `chunk_bytes`, and all chunks
+//! of a ring step are in flight at once.
+//!
+//! After a failure (a dead or stalled peer, a mismatched call) the communicator tells every
+//! peer to abort — their pending calls fail at once instead of at their timeouts — and stays
+//! failed: later calls return the same error, as NCCL's do.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ff_net::{Call, NetClient, NetConfig, Transport as _};
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+
+use crate::config::CommConfig;
+use crate::dtype::{
+    Buffer, DType, Element, ReduceOp, combine, compute_type, divide, narrow, widen,
+};
+use crate::error::CommError;
+use crate::wire::{DataHeader, Endpoint, Signature, method};
+
+/// Collective kinds, as signatures carry them.
+mod kind {
+    pub const ALLREDUCE: u8 = 1;
+    pub const BROADCAST: u8 = 2;
+    pub const REDUCE_SCATTER: u8 = 3;
+    pub const ALL_GATHER: u8 = 4;
+    pub const ALL_TO_ALL: u8 = 5;
+    pub const BARRIER: u8 = 6;
+}
+
+/// Calls queued and not yet run; more wait in `Communicator` calls.
+const QUEUE_CAPACITY: usize = 1024;
+/// Bits of a message tag that number messages within one collective.
+const TAG_BITS: u32 = 32;
+
+/// The pending result of an asynchronous collective.
+#[derive(Debug)]
+pub struct Handle<T> {
+    result: std::sync::mpsc::Receiver<Result<T, CommError>>,
+    done: Arc<AtomicBool>,
+}
+
+impl<T> Handle<T> {
+    /// Waits for the collective and returns its result.
+    pub fn wait(self) -> Result<T, CommError> {
+        self.result.recv().unwrap_or(Err(CommError::Closed))
+    }
+
+    /// Whether the collective has finished (successfully or not).
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+}
+
+type Job = Box<dyn FnOnce(Arc<Inner>, u64) -> futures::future::BoxFuture<'static, ()> + Send>;
+
+/// What the collectives share.
+struct Inner {
+    rank: usize,
+    world: usize,
+    peers: Vec<String>,
+    nodes: Vec<String>,
+    endpoint: Arc<Endpoint>,
+    net: NetClient,
+    timeout: Duration,
+    chunk_bytes: usize,
+    /// The first failure; every later call returns it.
+    failed: Mutex<Option<CommError>>,
+}
+
+/// A rank's communicator.
+pub struct Communicator {
+    config: CommConfig,
+    inner: Arc<Inner>,
+    jobs: tokio::sync::mpsc::Sender<Job>,
+    _server: ff_net::Server,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("rank", &self.config.rank)
+            .field("world_size", &self.config.world_size)
+            .finish()
+    }
+}
+
+fn store_error(master: &str, message: impl Into<String>) -> CommError {
+    CommError::Store {
+        master: master.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Sets `key` in the store, retrying until it answers or `deadline` passes.
+async fn store_set(
+    net: &NetClient,
+    master: &str,
+    key: &str,
+    value: &str,
+    deadline: Instant,
+) -> Result<(), CommError> {
+    loop {
+        let call = Call {
+            method: method::SET,
+            header: Bytes::copy_from_slice(key.as_bytes()),
+            payload: Bytes::copy_from_slice(value.as_bytes()),
+        };
+        match net.call(master, call).await {
+            Ok(_) => return Ok(()),
+            Err(error) if Instant::now() >= deadline => {
+                return Err(store_error(master, error.to_string()));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Reads `key` from the store; None if absent (or the store is not up yet).
+async fn store_get(net: &NetClient, master: &str, key: &str) -> Option<String> {
+    let call = Call {
+        method: method::GET,
+        header: Bytes::copy_from_slice(key.as_bytes()),
+        payload: Bytes::new(),
+    };
+    let reply = net.call(master, call).await.ok()?;
+    (reply.header.first() == Some(&1)).then(|| String::from_utf8_lossy(&reply.payload).into_owned())
+}
+
+impl Communicator {
+    /// A communicator from the environment (see [`CommConfig::from_env`]).
+    pub fn from_env() -> Result<Communicator, CommError> {
+        Communicator::new(CommConfig::from_env()?)
+    }
+
+    /// Starts the rank's endpoint, meets every other rank through rank 0's store, and returns
+    /// once all are known (or fails naming the ranks that never came).
+    pub fn new(config: CommConfig) -> Result<Communicator, CommError> {
+        config.validate()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("hfreduce-{}", config.rank))
+            .enable_all()
+            .build()
+            .map_err(|e| CommError::Config(format!("cannot start threads: {e}")))?;
+        let (inner, server) = runtime.block_on(rendezvous(&config))?;
+        let (jobs, mut queue) = tokio::sync::mpsc::channel::<Job>(QUEUE_CAPACITY);
+        let runner = inner.clone();
+        runtime.spawn(async move {
+            let mut seq: u64 = 0;
+            while let Some(job) = queue.recv().await {
+                seq += 1;
+                job(runner.clone(), seq).await;
+            }
+        });
+        Ok(Communicator {
+            config,
+            inner,
+            jobs,
+            _server: server,
+            runtime,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.config.rank
+    }
+
+    /// Ranks in the job.
+    pub fn world_size(&self) -> usize {
+        self.config.world_size
+    }
+
+    /// The node id of every rank, by rank.
+    pub fn nodes(&self) -> &[String] {
+        &self.inner.nodes
+    }
+
+    /// Queues `work` (a collective on the communicator's threads); its result goes to a handle.
+    fn submit<T, F>(&self, work: F) -> Handle<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Inner>, u64) -> futures::future::BoxFuture<'static, Result<T, CommError>>
+            + Send
+            + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let done = Arc::new(AtomicBool::new(false));
+        let finished = done.clone();
+        let job: Job = Box::new(move |inner, seq| {
+            Box::pin(async move {
+                let result = match inner.failure() {
+                    Some(error) => Err(error),
+                    None => {
+                        let result = work(inner.clone(), seq).await;
+                        if let Err(error) = &result {
+                            inner.fail(error.clone()).await;
+                        }
+                        result
+                    }
+                };
+                let _ = tx.send(result);
+                finished.store(true, Ordering::Release);
+            })
+        });
+        let jobs = self.jobs.clone();
+        // The queue is bounded: a caller far ahead of the network waits here.
+        if self.runtime.block_on(jobs.send(job)).is_err() {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let _ = tx.send(Err(CommError::Closed));
+            return Handle {
+                result: rx,
+                done: Arc::new(AtomicBool::new(true)),
+            };
+        }
+        Handle { result: rx, done }
+    }
+
+    /// Reduces `data` over all ranks in place.
+    pub fn allreduce<T: Element>(&self, data: &mut [T], op: ReduceOp) -> Result<(), CommError> {
+        let result = self.allreduce_async(data.to_vec(), op).wait()?;
+        data.copy_from_slice(&result);
+        Ok(())
+    }
+
+    /// [`Communicator::allreduce`], asynchronously: the data comes back through the handle.
+    pub fn allreduce_async<T: Element>(&self, mut data: Vec<T>, op: ReduceOp) -> Handle<Vec<T>> {
+        self.submit(move |inner, seq| {
+            Box::pin(async move {
+                let dtype = compute_type(T::DTYPE);
+                let mut buffer = widen(&data);
+                let signature = signature(kind::ALLREDUCE, T::DTYPE, op, data.len());
+                inner
+                    .allreduce(seq, signature, dtype, op, &mut buffer)
+                    .await?;
+                if op == ReduceOp::Avg {
+                    divide(dtype, buffer.bytes_mut(), inner.world);
+                }
+                narrow(&buffer, &mut data);
+                Ok(data)
+            })
+        })
+    }
+
+    /// Copies `root`'s `data` to every rank.
+    pub fn broadcast<T: Element>(&self, data: &mut [T], root: usize) -> Result<(), CommError> {
+        let result = self.broadcast_async(data.to_vec(), root).wait()?;
+        data.copy_from_slice(&result);
+        Ok(())
+    }
+
+    /// [`Communicator::broadcast`], asynchronously.
+    pub fn broadcast_async<T: Element>(&self, mut data: Vec<T>, root: usize) -> Handle<Vec<T>> {
+        self.submit(move |inner, seq| {
+            Box::pin(async move {
+                if root >= inner.world {
+                    return Err(CommError::InvalidArgument(format!(
+                        "root {root} is not a rank"
+                    )));
+                }
+                let bytes = bytemuck::cast_slice_mut::<T, u8>(&mut data);
+                let signature = signature(kind::BROADCAST, T::DTYPE, ReduceOp::Sum, bytes.len());
+                inner.broadcast(seq, signature, root, bytes).await?;
+                Ok(data)
+            })
+        })
+    }
+
+    /// Every rank's `data` (equal lengths), in rank order.
+    pub fn all_gather<T: Element>(&self, data: &[T]) -> Result<Vec<T>, CommError> {
+        self.all_gather_async(data.to_vec()).wait()
+    }
+
+    /// [`Communicator::all_gather`], asynchronously.
+    pub fn all_gather_async<T: Element>(&self, data: Vec<T>) -> Handle<Vec<T>> {
+        self.submit(move |inner, seq| {
+            Box::pin(async move {
+                let each = std::mem::size_of_val(data.as_slice());
+                let mut out = vec![T::zeroed(); data.len() * inner.world];
+                let bytes = bytemuck::cast_slice_mut::<T, u8>(&mut out);
+                bytes[inner.rank * each..(inner.rank + 1) * each]
+                    .copy_from_slice(bytemuck::cast_slice(&data));
+                let signature = signature(kind::ALL_GATHER, T::DTYPE, ReduceOp::Sum, data.len());
+                let bounds: Vec<(usize, usize)> = (0..inner.world)
+                    .map(|r| (r * each, (r + 1) * each))
+                    .collect();
+                inner.ring_gather(seq, signature, bytes, &bounds, 0).await?;
+                Ok(out)
+            })
+        })
+    }
+
+    /// Reduces `data` (a multiple of the world size long) over all ranks, and returns this
+    /// rank's part: elements `[rank * n / world, (rank + 1) * n / world)`.
+    pub fn reduce_scatter<T: Element>(
+        &self,
+        data: &[T],
+        op: ReduceOp,
+    ) -> Result<Vec<T>, CommError> {
+        self.reduce_scatter_async(data.to_vec(), op).wait()
+    }
+
+    /// [`Communicator::reduce_scatter`], asynchronously.
+    pub fn reduce_scatter_async<T: Element>(&self, data: Vec<T>, op: ReduceOp) -> Handle<Vec<T>> {
+        self.submit(move |inner, seq| {
+            Box::pin(async move {
+                if !data.len().is_multiple_of(inner.world) {
+                    return Err(CommError::InvalidArgument(format!(
+                        "reduce-scatter of {} elements over {} ranks: not a multiple",
+                        data.len(),
+                        inner.world
+                    )));
+                }
+                let dtype = compute_type(T::DTYPE);
+                let mut buffer = widen(&data);
+                let bounds = inner.segments(data.len(), dtype.size());
+                let signature = signature(kind::REDUCE_SCATTER, T::DTYPE, op, data.len());
+                inner
+                    .ring_reduce(seq, signature, dtype, op, &mut buffer, &bounds)
+                    .await?;
+                let (start, end) = bounds[inner.rank];
+                let mut part = Buffer::from_bytes(&buffer.bytes()[start..end]);
+                if op == ReduceOp::Avg {
+                    divide(dtype, part.bytes_mut(), inner.world);
+                }
+                let mut out = vec![T::zeroed(); data.len() / inner.world];
+                narrow(&part, &mut out);
+                Ok(out)
+            })
+        })
+    }
+
+    /// Sends `send_counts[r]` consecutive elements of `data` to each rank `r`; returns what
+    /// every rank sent here, in rank order, with the count from each (uneven splits allowed).
+    pub fn all_to_all<T: Element>(
+        &self,
+        data: &[T],
+        send_counts: &[usize],
+    ) -> Result<(Vec<T>, Vec<usize>), CommError> {
+        self.all_to_all_async(data.to_vec(), send_counts.to_vec())
+            .wait()
+    }
+
+    /// [`Communicator::all_to_all`], asynchronously.
+    pub fn all_to_all_async<T: Element>(
+        &self,
+        data: Vec<T>,
+        send_counts: Vec<usize>,
+    ) -> Handle<(Vec<T>, Vec<usize>)> {
+        self.submit(move |inner, seq| {
+            Box::pin(async move {
+                if send_counts.len() != inner.world || send_counts.iter().sum::<usize>() != data.len() {
+                    return Err(CommError::InvalidArgument(format!(
+                        "all-to-all needs one count per rank ({}) summing to the data's {} elements",
+                        inner.world,
+                        data.len()
+                    )));
+                }
+                let pieces = inner
+                    .all_to_all(seq, T::DTYPE, bytemuck::cast_slice(&data), &send_counts)
+                    .await?;
+                let size = std::mem::size_of::<T>();
+                let counts: Vec<usize> = pieces.iter().map(|p| p.len() / size).collect();
+                let mut out: Vec<T> = Vec::with_capacity(counts.iter().sum());
+                for piece in &pieces {
+                    out.extend(piece.chunks_exact(size).map(bytemuck::pod_read_unaligned::<T>));
+                }
+                Ok((out, counts))
+            })
+        })
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&self) -> Result<(), CommError> {
+        self.submit(move |inner, seq| {
+            Box::pin(async move {
+                let mut token = Buffer::zeroed(8);
+                let signature = signature(kind::BARRIER, DType::I64, ReduceOp::Sum, 1);
+                inner
+                    .allreduce(seq, signature, DType::I64, ReduceOp::Sum, &mut token)
+                    .await
+            })
+        })
+        .wait()
+    }
+}
+
+fn signature(kind: u8, dtype: DType, op: ReduceOp, count: usize) -> Signature {
+    Signature {
+        kind,
+        dtype: dtype as u8,
+        op: op as u8,
+        count: count as u64,
+    }
+}
+
+fn describe(signature: &Signature) -> String {
+    let kind = match signature.kind {
+        kind::ALLREDUCE => "allreduce",
+        kind::BROADCAST => "broadcast",
+        kind::REDUCE_SCATTER => "reduce-scatter",
+        kind::ALL_GATHER => "all-gather",
+        kind::ALL_TO_ALL => "all-to-all",
+        kind::BARRIER => "barrier",
+        _ => "unknown",
+    };
+    format!(
+        "{kind} (type {}, op {}, {} elements)",
+        signature.dtype, signature.op, signature.count
+    )
+}
+
+async fn rendezvous(config: &CommConfig) -> Result<(Arc<Inner>, ff_net::Server), CommError> {
+    let master = config.master();
+    let deadline = Instant::now() + config.timeout;
+    let net_config = NetConfig {
+        max_payload: ff_config::ByteSize((config.chunk_bytes as u64).max(1 << 20) + (1 << 20)),
+        connections_per_peer: 2,
+        connect_timeout: ff_config::Duration(config.timeout.min(Duration::from_secs(5))),
+        request_timeout: ff_config::Duration(config.timeout),
+        ..NetConfig::default()
+    };
+    let bind = if config.rank == 0 {
+        master.clone()
+    } else {
+        format!("{}:0", config.listen_host)
+    };
+    let listener = tokio::net::TcpListener::bind(&bind).await.map_err(|e| {
+        CommError::Config(format!("rank {} cannot listen on {bind}: {e}", config.rank))
+    })?;
+    let endpoint = Arc::new(Endpoint::new(config.world_size, config.rank == 0));
+    let server = ff_net::Server::start(listener, endpoint.clone(), &net_config)
+        .map_err(|e| CommError::Config(format!("cannot serve: {e}")))?;
+    let addr = format!("{}:{}", config.listen_host, server.local_addr().port());
+    let net = NetClient::new(net_config);
+    store_set(
+        &net,
+        &master,
+        &format!("rank/{}", config.rank),
+        &format!("{addr} {}", config.node_id),
+        deadline,
+    )
+    .await?;
+    let mut entries: Vec<Option<(String, String)>> = vec![None; config.world_size];
+    loop {
+        for (rank, entry) in entries.iter_mut().enumerate() {
+            if entry.is_none()
+                && let Some(value) = store_get(&net, &master, &format!("rank/{rank}")).await
+            {
+                let (peer, node) = value.split_once(' ').unwrap_or((value.as_str(), ""));
+                *entry = Some((peer.to_string(), node.to_string()));
+            }
+        }
+        let missing: Vec<usize> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.is_none())
+            .map(|(r, _)| r)
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(CommError::Rendezvous {
+                master,
+                missing,
+                timeout: config.timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (peers, nodes): (Vec<String>, Vec<String>) = entries.into_iter().flatten().unzip();
+    let inner = Arc::new(Inner {
+        rank: config.rank,
+        world: config.world_size,
+        peers,
+        nodes,
+        endpoint,
+        net,
+        timeout: config.timeout,
+        chunk_bytes: config.chunk_bytes,
+        failed: Mutex::new(None),
+    });
+    // Rank 0 keeps its store up until every rank has read the table: the first barrier.
+    let mut token = Buffer::zeroed(8);
+    let signature = signature(kind::BARRIER, DType::I64, ReduceOp::Sum, 1);
+    inner
+        .allreduce(0, signature, DType::I64, ReduceOp::Sum, &mut token)
+        .await?;
+    Ok((inner, server))
+}
+
+impl Inner {
+    fn failure(&self) -> Option<CommError> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records the first failure and tells every peer to abort (best effort, bounded).
+    async fn fail(&self, error: CommError) {
+        {
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if failed.is_some() {
+                return;
+            }
+            *failed = Some(error.clone());
+        }
+        self.endpoint.abort(self.rank, error.to_string());
+        if matches!(error, CommError::Aborted { .. }) {
+            return;
+        }
+        let message = Bytes::from(format!("rank {}: {error}", self.rank));
+        let calls = (0..self.world).filter(|p| *p != self.rank).map(|peer| {
+            let call = Call {
+                method: method::ABORT,
+                header: Bytes::copy_from_slice(&(self.rank as u64).to_le_bytes()),
+                payload: message.clone(),
+            };
+            let addr = self.peers[peer].clone();
+            async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), self.net.call(&addr, call)).await;
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    fn next(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+
+    fn prev(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// Byte bounds of `world` near-equal segments of `elements` elements of `size` bytes.
+    fn segments(&self, elements: usize, size: usize) -> Vec<(usize, usize)> {
+        (0..self.world)
+            .map(|i| {
+                (
+                    i * elements / self.world * size,
+                    (i + 1) * elements / self.world * size,
+                )
+            })
+            .collect()
+    }
+
+    /// Chunk bounds within `[start, end)`, each at most `chunk_bytes` and a whole number of
+    /// `size`-byte elements.
+    fn chunks(&self, (start, end): (usize, usize), size: usize) -> Vec<(usize, usize)> {
+        let step = (self.chunk_bytes / size).max(1) * size;
+        let mut out = Vec::new();
+        let mut at = start;
+        while at < end {
+            out.push((at, (at + step).min(end)));
+            at += step;
+        }
+        out
+    }
+
+    /// Message indices one ring step needs: the most chunks of any segment, plus one.
+    fn per_step(&self, bounds: &[(usize, usize)], size: usize) -> usize {
+        bounds
+            .iter()
+            .map(|b| self.chunks(*b, size).len())
+            .max()
+            .unwrap_or(0)
+            + 1
+    }
+
+    fn tag(seq: u64, index: usize) -> u64 {
+        (seq << TAG_BITS) | (index as u64 & ((1 << TAG_BITS) - 1))
+    }
+
+    async fn send(
+        &self,
+        to: usize,
+        tag: u64,
+        signature: Signature,
+        payload: Bytes,
+    ) -> Result<(), CommError> {
+        let header = DataHeader {
+            from: self.rank as u64,
+            tag,
+            signature,
+        };
+        let call = Call {
+            method: method::DATA,
+            header: header.encode(),
+            payload,
+        };
+        self.net
+            .call(&self.peers[to], call)
+            .await
+            .map(|_| ())
+            .map_err(|e| CommError::Peer {
+                peer: to,
+                message: format!("sending {}: {e}", describe(&signature)),
+            })
+    }
+
+    /// Receives message `tag` from `from`, checking that it belongs to the same collective
+    /// (all-to-all pieces may differ in count).
+    async fn receive(
+        &self,
+        from: usize,
+        tag: u64,
+        signature: Signature,
+    ) -> Result<Vec<u8>, CommError> {
+        let (theirs, data) = self
+            .endpoint
+            .receive(from, tag, self.timeout, &describe(&signature))
+            .await?;
+        let same = if signature.kind == kind::ALL_TO_ALL {
+            (theirs.kind, theirs.dtype) == (signature.kind, signature.dtype)
+        } else {
+            theirs == signature
+        };
+        if !same {
+            return Err(CommError::Mismatch(format!(
+                "rank {} called {} but rank {from} called {}",
+                self.rank,
+                describe(&signature),
+                describe(&theirs)
+            )));
+        }
+        Ok(data)
+    }
+
+    /// One ring step: sends `outgoing` chunks to the next rank (tags from `base`) while
+    /// receiving the chunks `incoming` from the previous one; returns each received chunk with
+    /// its bounds, its length checked.
+    async fn ring_step(
+        &self,
+        seq: u64,
+        signature: Signature,
+        base: usize,
+        outgoing: Vec<Bytes>,
+        incoming: &[(usize, usize)],
+    ) -> Result<Vec<((usize, usize), Vec<u8>)>, CommError> {
+        let sends = async {
+            let mut sends: FuturesUnordered<_> = outgoing
+                .into_iter()
+                .enumerate()
+                .map(|(c, bytes)| {
+                    self.send(self.next(), Self::tag(seq, base + c), signature, bytes)
+                })
+                .collect();
+            while let Some(sent) = sends.next().await {
+                sent?;
+            }
+            Ok::<_, CommError>(())
+        };
+        let receives = async {
+            let mut receives: FuturesUnordered<_> = incoming
+                .iter()
+                .enumerate()
+                .map(|(c, bounds)| async move {
+                    let data = self
+                        .receive(self.prev(), Self::tag(seq, base + c), signature)
+                        .await?;
+                    Ok::<_, CommError>((*bounds, data))
+                })
+                .collect();
+            let mut arrived = Vec::with_capacity(incoming.len());
+            while let Some(received) = receives.next().await {
+                let ((start, end), data) = received?;
+                if data.len() != end - start {
+                    return Err(CommError::Mismatch(format!(
+                        "rank {} sent {} bytes where {} were expected",
+                        self.prev(),
+                        data.len(),
+                        end - start
+                    )));
+                }
+                arrived.push(((start, end), data));
+            }
+            Ok::<_, CommError>(arrived)
+        };
+        let (sent, arrived) = tokio::join!(sends, receives);
+        sent?;
+        arrived
+    }
+
+    /// Ring reduce-scatter over segment `bounds`: afterwards this rank's segment holds the
+    /// reduction over all ranks.
+    async fn ring_reduce(
+        &self,
+        seq: u64,
+        signature: Signature,
+        dtype: DType,
+        op: ReduceOp,
+        buffer: &mut Buffer,
+        bounds: &[(usize, usize)],
+    ) -> Result<(), CommError> {
+        let n = self.world;
+        let size = dtype.size();
+        for step in 0..n.saturating_sub(1) {
+            let send_seg = (self.rank + 2 * n - step - 1) % n;
+            let recv_seg = (self.rank + 2 * n - step - 2) % n;
+            let outgoing = self
+                .chunks(bounds[send_seg], size)
+                .iter()
+                .map(|(s, e)| Bytes::copy_from_slice(&buffer.bytes()[*s..*e]))
+                .collect();
+            let incoming = self.chunks(bounds[recv_seg], size);
+            let base = step * self.per_step(bounds, size);
+            for ((start, end), data) in self
+                .ring_step(seq, signature, base, outgoing, &incoming)
+                .await?
+            {
+                combine(dtype, op, &mut buffer.bytes_mut()[start..end], &data);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ring all-gather over segment `bounds`, starting from this rank's own segment;
+    /// `index_base` keeps its message tags apart from an earlier phase of the same call.
+    async fn ring_gather(
+        &self,
+        seq: u64,
+        signature: Signature,
+        bytes: &mut [u8],
+        bounds: &[(usize, usize)],
+        index_base: usize,
+    ) -> Result<(), CommError> {
+        let n = self.world;
+        for step in 0..n.saturating_sub(1) {
+            let send_seg = (self.rank + n - step) % n;
+            let recv_seg = (self.rank + 2 * n - step - 1) % n;
+            let outgoing = self
+                .chunks(bounds[send_seg], 1)
+                .iter()
+                .map(|(s, e)| Bytes::copy_from_slice(&bytes[*s..*e]))
+                .collect();
+            let incoming = self.chunks(bounds[recv_seg], 1);
+            let base = index_base + step * self.per_step(bounds, 1);
+            for ((start, end), data) in self
+                .ring_step(seq, signature, base, outgoing, &incoming)
+                .await?
+            {
+                bytes[start..end].copy_from_slice(&data);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ring allreduce: reduce-scatter, then all-gather of the reduced segments.
+    async fn allreduce(
+        &self,
+        seq: u64,
+        signature: Signature,
+        dtype: DType,
+        op: ReduceOp,
+        buffer: &mut Buffer,
+    ) -> Result<(), CommError> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let size = dtype.size();
+        let bounds = self.segments(buffer.len() / size, size);
+        self.ring_reduce(seq, signature, dtype, op, buffer, &bounds)
+            .await?;
+        // All-gather tags start past every reduce-scatter tag.
+        let index_base = self.world * self.per_step(&bounds, size);
+        self.ring_gather(seq, signature, buffer.bytes_mut(), &bounds, index_base)
+            .await
+    }
+
+    /// Pipelined chain from `root` around the ring: each rank forwards a chunk while it
+    /// receives the next.
+    async fn broadcast(
+        &self,
+        seq: u64,
+        signature: Signature,
+        root: usize,
+        bytes: &mut [u8],
+    ) -> Result<(), CommError> {
+        let n = self.world;
+        if n == 1 {
+            return Ok(());
+        }
+        let position = (self.rank + n - root) % n;
+        let chunks = self.chunks((0, bytes.len()), 1);
+        let forward = position < n - 1;
+        let (tx, mut rx) = futures::channel::mpsc::unbounded::<(usize, Bytes)>();
+        let receiving = async {
+            for (c, (start, end)) in chunks.iter().enumerate() {
+                let data = if position == 0 {
+                    Bytes::copy_from_slice(&bytes[*start..*end])
+                } else {
+                    let data = self
+                        .receive(self.prev(), Self::tag(seq, c), signature)
+                        .await?;
+                    if data.len() != end - start {
+                        return Err(CommError::Mismatch(format!(
+                            "rank {} broadcast {} bytes where {} were expected",
+                            self.prev(),
+                            data.len(),
+                            end - start
+                        )));
+                    }
+                    bytes[*start..*end].copy_from_slice(&data);
+                    Bytes::from(data)
+                };
+                if forward {
+                    let _ = tx.unbounded_send((c, data));
+                }
+            }
+            drop(tx);
+            Ok::<_, CommError>(())
+        };
+        let sending = async {
+            let mut sends = FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    next = rx.next() => match next {
+                        Some((c, data)) => sends.push(self.send(self.next(), Self::tag(seq, c), signature, data)),
+                        None => break,
+                    },
+                    Some(sent) = sends.next(), if !sends.is_empty() => sent?,
+                }
+            }
+            while let Some(sent) = sends.next().await {
+                sent?;
+            }
+            Ok::<_, CommError>(())
+        };
+        let (received, sent) = tokio::join!(receiving, sending);
+        received?;
+        sent
+    }
+
+    /// Every rank sends its piece to every other directly, chunked; the first chunk's header
+    /// carries the piece's element count, so uneven pieces need no size exchange.
+    async fn all_to_all(
+        &self,
+        seq: u64,
+        dtype: DType,
+        data: &[u8],
+        counts: &[usize],
+    ) -> Result<Vec<Vec<u8>>, CommError> {
+        let size = dtype.size();
+        let mut offsets = Vec::with_capacity(counts.len());
+        let mut at = 0;
+        for count in counts {
+            offsets.push((at * size, (at + count) * size));
+            at += count;
+        }
+        let mut pieces: Vec<Vec<u8>> = vec![Vec::new(); self.world];
+        pieces[self.rank] = data[offsets[self.rank].0..offsets[self.rank].1].to_vec();
+        let sends = async {
+            let mut sends = FuturesUnordered::new();
+            for peer in (0..self.world).filter(|p| *p != self.rank) {
+                let (start, end) = offsets[peer];
+                let piece_signature =
+                    signature(kind::ALL_TO_ALL, dtype, ReduceOp::Sum, counts[peer]);
+                let chunks = self.chunks((start, end), size);
+                if chunks.is_empty() {
+                    sends.push(self.send(peer, Self::tag(seq, 0), piece_signature, Bytes::new()));
+                }
+                for (c, (s, e)) in chunks.into_iter().enumerate() {
+                    sends.push(self.send(
+                        peer,
+                        Self::tag(seq, c),
+                        piece_signature,
+                        Bytes::copy_from_slice(&data[s..e]),
+                    ));
+                }
+            }
+            while let Some(sent) = sends.next().await {
+                sent?;
+            }
+            Ok::<_, CommError>(())
+        };
+        let receives = async {
+            let mut received = FuturesUnordered::new();
+            for peer in (0..self.world).filter(|p| *p != self.rank) {
+                received.push(async move {
+                    let probe = signature(kind::ALL_TO_ALL, dtype, ReduceOp::Sum, 0);
+                    let (theirs, first) = self
+                        .endpoint
+                        .receive(peer, Self::tag(seq, 0), self.timeout, "all-to-all")
+                        .await?;
+                    if (theirs.kind, theirs.dtype) != (probe.kind, probe.dtype) {
+                        return Err(CommError::Mismatch(format!(
+                            "rank {} called {} but rank {peer} called {}",
+                            self.rank,
+                            describe(&probe),
+                            describe(&theirs)
+                        )));
+                    }
+                    let total = usize::try_from(theirs.count)
+                        .unwrap_or(usize::MAX)
+                        .saturating_mul(size);
+                    let chunks = self.chunks((0, total), size).len();
+                    let mut piece = first;
+                    for c in 1..chunks {
+                        piece.extend(self.receive(peer, Self::tag(seq, c), theirs).await?);
+                    }
+                    if piece.len() != total {
+                        return Err(CommError::Mismatch(format!(
+                            "rank {peer} announced {total} bytes and sent {}",
+                            piece.len()
+                        )));
+                    }
+                    Ok((peer, piece))
+                });
+            }
+            let mut out = Vec::new();
+            while let Some(piece) = received.next().await {
+                out.push(piece?);
+            }
+            Ok::<_, CommError>(out)
+        };
+        let (sent, arrived) = tokio::join!(sends, receives);
+        sent?;
+        for (peer, piece) in arrived? {
+            pieces[peer] = piece;
+        }
+        Ok(pieces)
+    }
+}

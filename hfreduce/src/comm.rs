@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ff_net::{Call, NetClient, NetConfig, Transport as _};
+use ff_net::{Call, NetClient, NetConfig, PooledBuf, Transport as _};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 
@@ -60,6 +60,37 @@ impl<T> Handle<T> {
 
 type Job = Box<dyn FnOnce(Arc<Inner>, u64) -> futures::future::BoxFuture<'static, ()> + Send>;
 
+/// Most idle send buffers kept for reuse.
+const SEND_POOL_BUFFERS: usize = 64;
+
+/// Send buffers for reuse: a chunk copied out for sending comes back here once ff-net has
+/// written it, so steady traffic allocates (and page-faults) nothing new.
+#[derive(Default)]
+struct SendPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+/// A send buffer on loan from a [`SendPool`].
+struct Loaned {
+    buf: Vec<u8>,
+    pool: Arc<SendPool>,
+}
+
+impl AsRef<[u8]> for Loaned {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Loaned {
+    fn drop(&mut self) {
+        let mut free = self.pool.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < SEND_POOL_BUFFERS {
+            free.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 /// What the collectives share.
 struct Inner {
     rank: usize,
@@ -72,6 +103,7 @@ struct Inner {
     chunk_bytes: usize,
     /// The first failure; every later call returns it.
     failed: Mutex<Option<CommError>>,
+    sends: Arc<SendPool>,
 }
 
 /// A rank's communicator.
@@ -81,6 +113,40 @@ pub struct Communicator {
     jobs: tokio::sync::mpsc::Sender<Job>,
     _server: ff_net::Server,
     runtime: tokio::runtime::Runtime,
+}
+
+/// How long a closing communicator waits for its peers to finish sending to it.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
+
+impl Drop for Communicator {
+    /// Closing: every rank tells every peer it will send nothing more, and keeps serving until
+    /// all peers have said the same (bounded), so that no rank exits while a peer's last
+    /// message to it still waits for its acknowledgement.
+    fn drop(&mut self) {
+        let inner = self.inner.clone();
+        let wait = if inner.failure().is_some() {
+            Duration::from_millis(200)
+        } else {
+            FINISH_WAIT.min(inner.timeout)
+        };
+        self.runtime.block_on(async move {
+            let peers = (0..inner.world).filter(|p| *p != inner.rank);
+            let notices = peers.map(|peer| {
+                let call = Call {
+                    method: method::DONE,
+                    header: Bytes::copy_from_slice(&(inner.rank as u64).to_le_bytes()),
+                    payload: Bytes::new(),
+                };
+                let addr = inner.peers[peer].clone();
+                let net = &inner.net;
+                async move {
+                    let _ = tokio::time::timeout(wait, net.call(&addr, call)).await;
+                }
+            });
+            futures::future::join_all(notices).await;
+            inner.endpoint.wait_done(inner.world - 1, wait).await;
+        });
+    }
 }
 
 impl std::fmt::Debug for Communicator {
@@ -488,6 +554,7 @@ async fn rendezvous(config: &CommConfig) -> Result<(Arc<Inner>, ff_net::Server),
         timeout: config.timeout,
         chunk_bytes: config.chunk_bytes,
         failed: Mutex::new(None),
+        sends: Arc::new(SendPool::default()),
     });
     // Rank 0 keeps its store up until every rank has read the table: the first barrier.
     let mut token = Buffer::zeroed(8);
@@ -533,6 +600,23 @@ impl Inner {
             }
         });
         futures::future::join_all(calls).await;
+    }
+
+    /// `data` copied into a pooled send buffer.
+    fn copy_out(&self, data: &[u8]) -> Bytes {
+        let mut buf = self
+            .sends
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(data);
+        Bytes::from_owner(Loaned {
+            buf,
+            pool: self.sends.clone(),
+        })
     }
 
     fn next(&self) -> usize {
@@ -616,7 +700,7 @@ impl Inner {
         from: usize,
         tag: u64,
         signature: Signature,
-    ) -> Result<Vec<u8>, CommError> {
+    ) -> Result<PooledBuf, CommError> {
         let (theirs, data) = self
             .endpoint
             .receive(from, tag, self.timeout, &describe(&signature))
@@ -647,7 +731,7 @@ impl Inner {
         base: usize,
         outgoing: Vec<Bytes>,
         incoming: &[(usize, usize)],
-    ) -> Result<Vec<((usize, usize), Vec<u8>)>, CommError> {
+    ) -> Result<Vec<((usize, usize), PooledBuf)>, CommError> {
         let sends = async {
             let mut sends: FuturesUnordered<_> = outgoing
                 .into_iter()
@@ -711,7 +795,7 @@ impl Inner {
             let outgoing = self
                 .chunks(bounds[send_seg], size)
                 .iter()
-                .map(|(s, e)| Bytes::copy_from_slice(&buffer.bytes()[*s..*e]))
+                .map(|(s, e)| self.copy_out(&buffer.bytes()[*s..*e]))
                 .collect();
             let incoming = self.chunks(bounds[recv_seg], size);
             let base = step * self.per_step(bounds, size);
@@ -742,7 +826,7 @@ impl Inner {
             let outgoing = self
                 .chunks(bounds[send_seg], 1)
                 .iter()
-                .map(|(s, e)| Bytes::copy_from_slice(&bytes[*s..*e]))
+                .map(|(s, e)| self.copy_out(&bytes[*s..*e]))
                 .collect();
             let incoming = self.chunks(bounds[recv_seg], 1);
             let base = index_base + step * self.per_step(bounds, 1);
@@ -798,7 +882,7 @@ impl Inner {
         let receiving = async {
             for (c, (start, end)) in chunks.iter().enumerate() {
                 let data = if position == 0 {
-                    Bytes::copy_from_slice(&bytes[*start..*end])
+                    self.copy_out(&bytes[*start..*end])
                 } else {
                     let data = self
                         .receive(self.prev(), Self::tag(seq, c), signature)
@@ -812,7 +896,7 @@ impl Inner {
                         )));
                     }
                     bytes[*start..*end].copy_from_slice(&data);
-                    Bytes::from(data)
+                    self.copy_out(&data)
                 };
                 if forward {
                     let _ = tx.unbounded_send((c, data));
@@ -875,7 +959,7 @@ impl Inner {
                         peer,
                         Self::tag(seq, c),
                         piece_signature,
-                        Bytes::copy_from_slice(&data[s..e]),
+                        self.copy_out(&data[s..e]),
                     ));
                 }
             }
@@ -905,9 +989,11 @@ impl Inner {
                         .unwrap_or(usize::MAX)
                         .saturating_mul(size);
                     let chunks = self.chunks((0, total), size).len();
-                    let mut piece = first;
+                    let mut piece = first.into_vec();
                     for c in 1..chunks {
-                        piece.extend(self.receive(peer, Self::tag(seq, c), theirs).await?);
+                        piece.extend_from_slice(
+                            &self.receive(peer, Self::tag(seq, c), theirs).await?,
+                        );
                     }
                     if piece.len() != total {
                         return Err(CommError::Mismatch(format!(

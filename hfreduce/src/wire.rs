@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ff_net::{Fault, Handler, Reply, Request};
+use ff_net::{Fault, Handler, PooledBuf, Reply, Request};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::CommError;
@@ -24,6 +24,8 @@ pub mod method {
     pub const SET: u16 = 3;
     /// Read a key: header = key; reply payload = value, header = [1] if present, [0] if not.
     pub const GET: u16 = 4;
+    /// The sender will send nothing more: header = sender rank (8 bytes LE).
+    pub const DONE: u16 = 5;
 }
 
 /// Largest store key and value.
@@ -87,10 +89,11 @@ impl DataHeader {
     }
 }
 
-/// A message that arrived, or a receiver waiting for one.
+/// A message that arrived (in a buffer of ff-net's receive pool, which it goes back to once
+/// consumed), or a receiver waiting for one.
 enum Slot {
-    Arrived(Signature, Vec<u8>),
-    Waiting(oneshot::Sender<(Signature, Vec<u8>)>),
+    Arrived(Signature, PooledBuf),
+    Waiting(oneshot::Sender<(Signature, PooledBuf)>),
 }
 
 /// One rank's endpoint state.
@@ -101,6 +104,8 @@ pub struct Endpoint {
     aborted: watch::Sender<Option<(usize, String)>>,
     /// Rank 0 only: the rendezvous store.
     store: Option<Mutex<HashMap<Vec<u8>, Vec<u8>>>>,
+    /// Ranks that said they will send nothing more.
+    done: watch::Sender<std::collections::BTreeSet<usize>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -123,10 +128,17 @@ impl Endpoint {
             slots: Mutex::new(HashMap::new()),
             aborted: watch::channel(None).0,
             store: serve_store.then(|| Mutex::new(HashMap::new())),
+            done: watch::channel(std::collections::BTreeSet::new()).0,
         }
     }
 
-    fn deposit(&self, header: DataHeader, payload: Vec<u8>) -> Result<(), Fault> {
+    /// Waits until `count` peers have said they are done sending, or `timeout` passes.
+    pub async fn wait_done(&self, count: usize, timeout: Duration) {
+        let mut done = self.done.subscribe();
+        let _ = tokio::time::timeout(timeout, done.wait_for(|ranks| ranks.len() >= count)).await;
+    }
+
+    fn deposit(&self, header: DataHeader, payload: PooledBuf) -> Result<(), Fault> {
         let from = usize::try_from(header.from)
             .ok()
             .filter(|f| *f < self.world)
@@ -160,7 +172,7 @@ impl Endpoint {
         tag: u64,
         timeout: Duration,
         during: &str,
-    ) -> Result<(Signature, Vec<u8>), CommError> {
+    ) -> Result<(Signature, PooledBuf), CommError> {
         let waiter = {
             let mut slots = lock(&self.slots);
             match slots.remove(&(from, tag)) {
@@ -221,7 +233,21 @@ impl Handler for Endpoint {
             method::DATA => {
                 let header = DataHeader::decode(&request.header)
                     .ok_or_else(|| bad("malformed data header"))?;
-                self.deposit(header, request.payload.into_vec())?;
+                self.deposit(header, request.payload)?;
+                Ok(Reply::default())
+            }
+            method::DONE => {
+                let peer = request
+                    .header
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .and_then(|p| usize::try_from(p).ok())
+                    .filter(|p| *p < self.world)
+                    .ok_or_else(|| bad("malformed done"))?;
+                self.done.send_modify(|ranks| {
+                    ranks.insert(peer);
+                });
                 Ok(Reply::default())
             }
             method::ABORT => {
@@ -299,21 +325,27 @@ mod tests {
             tag,
             signature: Signature::default(),
         };
-        endpoint.deposit(header(1, 7), vec![1]).unwrap();
+        endpoint
+            .deposit(header(1, 7), PooledBuf::detached(vec![1]))
+            .unwrap();
         let early = endpoint
             .receive(1, 7, Duration::from_secs(1), "t")
             .await
             .unwrap();
-        assert_eq!(early.1, vec![1]);
+        assert_eq!(&early.1[..], &[1]);
         let late = endpoint.receive(2, 8, Duration::from_secs(1), "t");
         let deposit = async {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            endpoint.deposit(header(2, 8), vec![2]).unwrap();
+            endpoint
+                .deposit(header(2, 8), PooledBuf::detached(vec![2]))
+                .unwrap();
         };
         let (late, ()) = tokio::join!(late, deposit);
-        assert_eq!(late.unwrap().1, vec![2]);
+        assert_eq!(&late.unwrap().1[..], &[2]);
         assert!(
-            endpoint.deposit(header(9, 1), vec![]).is_err(),
+            endpoint
+                .deposit(header(9, 1), PooledBuf::detached(vec![]))
+                .is_err(),
             "rank outside the world"
         );
         let silent = endpoint

@@ -19,7 +19,7 @@ use futures::stream::FuturesUnordered;
 
 use crate::config::CommConfig;
 use crate::dtype::{
-    Buffer, DType, Element, ReduceOp, combine, compute_type, divide, narrow, widen,
+    Buffer, DType, Element, ReduceOp, combine, compute_type, divide, narrow, widen, widen_into,
 };
 use crate::error::CommError;
 use crate::wire::{DataHeader, Endpoint, Signature, method};
@@ -59,6 +59,9 @@ impl<T> Handle<T> {
 }
 
 type Job = Box<dyn FnOnce(Arc<Inner>, u64) -> futures::future::BoxFuture<'static, ()> + Send>;
+
+/// Most idle working buffers kept for reuse (async calls in flight each hold one).
+const SCRATCH_BUFFERS: usize = 8;
 
 /// Most idle send buffers kept for reuse.
 const SEND_POOL_BUFFERS: usize = 64;
@@ -104,6 +107,8 @@ struct Inner {
     /// The first failure; every later call returns it.
     failed: Mutex<Option<CommError>>,
     sends: Arc<SendPool>,
+    /// Working buffers kept between calls.
+    scratch: Mutex<Vec<Buffer>>,
 }
 
 /// A rank's communicator.
@@ -292,27 +297,40 @@ impl Communicator {
 
     /// Reduces `data` over all ranks in place.
     pub fn allreduce<T: Element>(&self, data: &mut [T], op: ReduceOp) -> Result<(), CommError> {
-        let result = self.allreduce_async(data.to_vec(), op).wait()?;
-        data.copy_from_slice(&result);
-        Ok(())
+        // Straight through a reused working buffer: one copy in, one out, no fresh memory.
+        let mut buffer = self.inner.take_scratch();
+        widen_into(data, &mut buffer);
+        self.allreduce_buffer::<T>(buffer, data.len(), op)
+            .wait()
+            .map(|buffer| {
+                narrow(&buffer, data);
+                self.inner.give_scratch(buffer);
+            })
     }
 
     /// [`Communicator::allreduce`], asynchronously: the data comes back through the handle.
     pub fn allreduce_async<T: Element>(&self, mut data: Vec<T>, op: ReduceOp) -> Handle<Vec<T>> {
+        let mut buffer = self.inner.take_scratch();
+        widen_into(&data, &mut buffer);
         self.submit(move |inner, seq| {
             Box::pin(async move {
-                let dtype = compute_type(T::DTYPE);
-                let mut buffer = widen(&data);
-                let signature = signature(kind::ALLREDUCE, T::DTYPE, op, data.len());
-                inner
-                    .allreduce(seq, signature, dtype, op, &mut buffer)
-                    .await?;
-                if op == ReduceOp::Avg {
-                    divide(dtype, buffer.bytes_mut(), inner.world);
-                }
+                let buffer = inner.reduce_all::<T>(seq, buffer, data.len(), op).await?;
                 narrow(&buffer, &mut data);
+                inner.give_scratch(buffer);
                 Ok(data)
             })
+        })
+    }
+
+    /// Allreduce of a working buffer holding `count` elements of `T` (widened).
+    fn allreduce_buffer<T: Element>(
+        &self,
+        buffer: Buffer,
+        count: usize,
+        op: ReduceOp,
+    ) -> Handle<Buffer> {
+        self.submit(move |inner, seq| {
+            Box::pin(async move { inner.reduce_all::<T>(seq, buffer, count, op).await })
         })
     }
 
@@ -555,6 +573,7 @@ async fn rendezvous(config: &CommConfig) -> Result<(Arc<Inner>, ff_net::Server),
         chunk_bytes: config.chunk_bytes,
         failed: Mutex::new(None),
         sends: Arc::new(SendPool::default()),
+        scratch: Mutex::new(Vec::new()),
     });
     // Rank 0 keeps its store up until every rank has read the table: the first barrier.
     let mut token = Buffer::zeroed(8);
@@ -600,6 +619,41 @@ impl Inner {
             }
         });
         futures::future::join_all(calls).await;
+    }
+
+    /// Allreduce (with the average's division) of a working buffer of `count` `T`s.
+    async fn reduce_all<T: Element>(
+        &self,
+        seq: u64,
+        mut buffer: Buffer,
+        count: usize,
+        op: ReduceOp,
+    ) -> Result<Buffer, CommError> {
+        let dtype = compute_type(T::DTYPE);
+        let signature = signature(kind::ALLREDUCE, T::DTYPE, op, count);
+        self.allreduce(seq, signature, dtype, op, &mut buffer)
+            .await?;
+        if op == ReduceOp::Avg {
+            divide(dtype, buffer.bytes_mut(), self.world);
+        }
+        Ok(buffer)
+    }
+
+    /// A working buffer from the pool (keeps its memory between calls).
+    fn take_scratch(&self) -> Buffer {
+        self.scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Returns a working buffer to the pool.
+    fn give_scratch(&self, buffer: Buffer) {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if scratch.len() < SCRATCH_BUFFERS {
+            scratch.push(buffer);
+        }
     }
 
     /// `data` copied into a pooled send buffer.

@@ -191,6 +191,13 @@ impl Buffer {
         }
     }
 
+    /// Makes it `len` bytes long, keeping its memory when it is large enough (new bytes are
+    /// unspecified).
+    pub fn resize(&mut self, len: usize) {
+        self.words.resize(len.div_ceil(8), 0);
+        self.len = len;
+    }
+
     /// A copy of `bytes`.
     pub fn from_bytes(bytes: &[u8]) -> Buffer {
         let mut buffer = Buffer::zeroed(bytes.len());
@@ -222,18 +229,32 @@ impl Buffer {
 
 /// The working buffer of a collective over `data`: its bytes, halves widened to f32.
 pub fn widen<T: Element>(data: &[T]) -> Buffer {
+    let mut buffer = Buffer::default();
+    widen_into(data, &mut buffer);
+    buffer
+}
+
+/// [`widen`] into `buffer`, reusing its memory (large buffers allocated afresh on every call
+/// would fault their pages in again every time).
+pub fn widen_into<T: Element>(data: &[T], buffer: &mut Buffer) {
     match T::DTYPE {
-        DType::F16 => {
-            let values: &[f16] = bytemuck::cast_slice(data);
-            let wide: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
-            Buffer::from_bytes(bytemuck::cast_slice(&wide))
+        DType::F16 | DType::BF16 => {
+            buffer.resize(data.len() * 4);
+            let wide: &mut [f32] = bytemuck::cast_slice_mut(buffer.bytes_mut());
+            let bits: &[u16] = bytemuck::cast_slice(data);
+            for (w, b) in wide.iter_mut().zip(bits) {
+                *w = if T::DTYPE == DType::F16 {
+                    f16::from_bits(*b).to_f32()
+                } else {
+                    bf16::from_bits(*b).to_f32()
+                };
+            }
         }
-        DType::BF16 => {
-            let values: &[bf16] = bytemuck::cast_slice(data);
-            let wide: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
-            Buffer::from_bytes(bytemuck::cast_slice(&wide))
+        _ => {
+            let bytes: &[u8] = bytemuck::cast_slice(data);
+            buffer.resize(bytes.len());
+            buffer.bytes_mut().copy_from_slice(bytes);
         }
-        _ => Buffer::from_bytes(bytemuck::cast_slice(data)),
     }
 }
 

@@ -60,6 +60,27 @@ impl<T> Handle<T> {
 
 type Job = Box<dyn FnOnce(Arc<Inner>, u64) -> futures::future::BoxFuture<'static, ()> + Send>;
 
+/// Ranks in ring order, and where this rank stands among them.
+#[derive(Debug, Clone)]
+pub(crate) struct Ring {
+    pub(crate) members: Vec<usize>,
+    pub(crate) at: usize,
+}
+
+impl Ring {
+    fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    fn next(&self) -> usize {
+        self.members[(self.at + 1) % self.len()]
+    }
+
+    fn prev(&self) -> usize {
+        self.members[(self.at + self.len() - 1) % self.len()]
+    }
+}
+
 /// Most idle working buffers kept for reuse (async calls in flight each hold one).
 const SCRATCH_BUFFERS: usize = 8;
 
@@ -95,7 +116,7 @@ impl Drop for Loaned {
 }
 
 /// What the collectives share.
-struct Inner {
+pub(crate) struct Inner {
     rank: usize,
     world: usize,
     peers: Vec<String>,
@@ -109,6 +130,10 @@ struct Inner {
     sends: Arc<SendPool>,
     /// Working buffers kept between calls.
     scratch: Mutex<Vec<Buffer>>,
+    /// Every rank, in rank order.
+    everyone: Ring,
+    /// This rank's node, when allreduce goes through it (ranks sharing memory).
+    node: Option<crate::node::Node>,
 }
 
 /// A rank's communicator.
@@ -376,7 +401,9 @@ impl Communicator {
                 let bounds: Vec<(usize, usize)> = (0..inner.world)
                     .map(|r| (r * each, (r + 1) * each))
                     .collect();
-                inner.ring_gather(seq, signature, bytes, &bounds, 0).await?;
+                inner
+                    .ring_gather(&inner.everyone, seq, signature, bytes, &bounds, 0)
+                    .await?;
                 Ok(out)
             })
         })
@@ -405,10 +432,18 @@ impl Communicator {
                 }
                 let dtype = compute_type(T::DTYPE);
                 let mut buffer = widen(&data);
-                let bounds = inner.segments(data.len(), dtype.size());
+                let bounds = Inner::segments(inner.world, data.len(), dtype.size());
                 let signature = signature(kind::REDUCE_SCATTER, T::DTYPE, op, data.len());
                 inner
-                    .ring_reduce(seq, signature, dtype, op, &mut buffer, &bounds)
+                    .ring_reduce(
+                        &inner.everyone,
+                        seq,
+                        signature,
+                        dtype,
+                        op,
+                        &mut buffer,
+                        &bounds,
+                    )
                     .await?;
                 let (start, end) = bounds[inner.rank];
                 let mut part = Buffer::from_bytes(&buffer.bytes()[start..end]);
@@ -562,6 +597,7 @@ async fn rendezvous(config: &CommConfig) -> Result<(Arc<Inner>, ff_net::Server),
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (peers, nodes): (Vec<String>, Vec<String>) = entries.into_iter().flatten().unzip();
+    let nodes_of = nodes.clone();
     let inner = Arc::new(Inner {
         rank: config.rank,
         world: config.world_size,
@@ -574,6 +610,11 @@ async fn rendezvous(config: &CommConfig) -> Result<(Arc<Inner>, ff_net::Server),
         failed: Mutex::new(None),
         sends: Arc::new(SendPool::default()),
         scratch: Mutex::new(Vec::new()),
+        everyone: Ring {
+            members: (0..config.world_size).collect(),
+            at: config.rank,
+        },
+        node: crate::node::Node::plan(config, &nodes_of),
     });
     // Rank 0 keeps its store up until every rank has read the table: the first barrier.
     let mut token = Buffer::zeroed(8);
@@ -674,20 +715,20 @@ impl Inner {
     }
 
     fn next(&self) -> usize {
-        (self.rank + 1) % self.world
+        self.everyone.next()
     }
 
     fn prev(&self) -> usize {
-        (self.rank + self.world - 1) % self.world
+        self.everyone.prev()
     }
 
-    /// Byte bounds of `world` near-equal segments of `elements` elements of `size` bytes.
-    fn segments(&self, elements: usize, size: usize) -> Vec<(usize, usize)> {
-        (0..self.world)
+    /// Byte bounds of `parts` near-equal segments of `elements` elements of `size` bytes.
+    fn segments(parts: usize, elements: usize, size: usize) -> Vec<(usize, usize)> {
+        (0..parts)
             .map(|i| {
                 (
-                    i * elements / self.world * size,
-                    (i + 1) * elements / self.world * size,
+                    i * elements / parts * size,
+                    (i + 1) * elements / parts * size,
                 )
             })
             .collect()
@@ -716,11 +757,11 @@ impl Inner {
             + 1
     }
 
-    fn tag(seq: u64, index: usize) -> u64 {
+    pub(crate) fn tag(seq: u64, index: usize) -> u64 {
         (seq << TAG_BITS) | (index as u64 & ((1 << TAG_BITS) - 1))
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         to: usize,
         tag: u64,
@@ -749,7 +790,7 @@ impl Inner {
 
     /// Receives message `tag` from `from`, checking that it belongs to the same collective
     /// (all-to-all pieces may differ in count).
-    async fn receive(
+    pub(crate) async fn receive(
         &self,
         from: usize,
         tag: u64,
@@ -780,6 +821,7 @@ impl Inner {
     /// its bounds, its length checked.
     async fn ring_step(
         &self,
+        ring: &Ring,
         seq: u64,
         signature: Signature,
         base: usize,
@@ -791,7 +833,7 @@ impl Inner {
                 .into_iter()
                 .enumerate()
                 .map(|(c, bytes)| {
-                    self.send(self.next(), Self::tag(seq, base + c), signature, bytes)
+                    self.send(ring.next(), Self::tag(seq, base + c), signature, bytes)
                 })
                 .collect();
             while let Some(sent) = sends.next().await {
@@ -805,7 +847,7 @@ impl Inner {
                 .enumerate()
                 .map(|(c, bounds)| async move {
                     let data = self
-                        .receive(self.prev(), Self::tag(seq, base + c), signature)
+                        .receive(ring.prev(), Self::tag(seq, base + c), signature)
                         .await?;
                     Ok::<_, CommError>((*bounds, data))
                 })
@@ -816,7 +858,7 @@ impl Inner {
                 if data.len() != end - start {
                     return Err(CommError::Mismatch(format!(
                         "rank {} sent {} bytes where {} were expected",
-                        self.prev(),
+                        ring.prev(),
                         data.len(),
                         end - start
                     )));
@@ -832,8 +874,10 @@ impl Inner {
 
     /// Ring reduce-scatter over segment `bounds`: afterwards this rank's segment holds the
     /// reduction over all ranks.
+    #[allow(clippy::too_many_arguments)]
     async fn ring_reduce(
         &self,
+        ring: &Ring,
         seq: u64,
         signature: Signature,
         dtype: DType,
@@ -841,11 +885,11 @@ impl Inner {
         buffer: &mut Buffer,
         bounds: &[(usize, usize)],
     ) -> Result<(), CommError> {
-        let n = self.world;
+        let n = ring.len();
         let size = dtype.size();
         for step in 0..n.saturating_sub(1) {
-            let send_seg = (self.rank + 2 * n - step - 1) % n;
-            let recv_seg = (self.rank + 2 * n - step - 2) % n;
+            let send_seg = (ring.at + 2 * n - step - 1) % n;
+            let recv_seg = (ring.at + 2 * n - step - 2) % n;
             let outgoing = self
                 .chunks(bounds[send_seg], size)
                 .iter()
@@ -854,7 +898,7 @@ impl Inner {
             let incoming = self.chunks(bounds[recv_seg], size);
             let base = step * self.per_step(bounds, size);
             for ((start, end), data) in self
-                .ring_step(seq, signature, base, outgoing, &incoming)
+                .ring_step(ring, seq, signature, base, outgoing, &incoming)
                 .await?
             {
                 combine(dtype, op, &mut buffer.bytes_mut()[start..end], &data);
@@ -867,16 +911,17 @@ impl Inner {
     /// `index_base` keeps its message tags apart from an earlier phase of the same call.
     async fn ring_gather(
         &self,
+        ring: &Ring,
         seq: u64,
         signature: Signature,
         bytes: &mut [u8],
         bounds: &[(usize, usize)],
         index_base: usize,
     ) -> Result<(), CommError> {
-        let n = self.world;
+        let n = ring.len();
         for step in 0..n.saturating_sub(1) {
-            let send_seg = (self.rank + n - step) % n;
-            let recv_seg = (self.rank + 2 * n - step - 1) % n;
+            let send_seg = (ring.at + n - step) % n;
+            let recv_seg = (ring.at + 2 * n - step - 1) % n;
             let outgoing = self
                 .chunks(bounds[send_seg], 1)
                 .iter()
@@ -885,7 +930,7 @@ impl Inner {
             let incoming = self.chunks(bounds[recv_seg], 1);
             let base = index_base + step * self.per_step(bounds, 1);
             for ((start, end), data) in self
-                .ring_step(seq, signature, base, outgoing, &incoming)
+                .ring_step(ring, seq, signature, base, outgoing, &incoming)
                 .await?
             {
                 bytes[start..end].copy_from_slice(&data);
@@ -894,7 +939,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Ring allreduce: reduce-scatter, then all-gather of the reduced segments.
+    /// Allreduce: through the node (shared memory, then the leaders' ring) when ranks share
+    /// nodes, else one ring over every rank.
     async fn allreduce(
         &self,
         seq: u64,
@@ -903,17 +949,46 @@ impl Inner {
         op: ReduceOp,
         buffer: &mut Buffer,
     ) -> Result<(), CommError> {
-        if self.world == 1 {
+        match &self.node {
+            Some(node) => {
+                node.allreduce(self, seq, signature, dtype, op, buffer)
+                    .await
+            }
+            None => {
+                self.ring_allreduce(&self.everyone, seq, signature, dtype, op, buffer)
+                    .await
+            }
+        }
+    }
+
+    /// Ring allreduce over `ring`: reduce-scatter, then all-gather of the reduced segments.
+    pub(crate) async fn ring_allreduce(
+        &self,
+        ring: &Ring,
+        seq: u64,
+        signature: Signature,
+        dtype: DType,
+        op: ReduceOp,
+        buffer: &mut Buffer,
+    ) -> Result<(), CommError> {
+        if ring.len() == 1 {
             return Ok(());
         }
         let size = dtype.size();
-        let bounds = self.segments(buffer.len() / size, size);
-        self.ring_reduce(seq, signature, dtype, op, buffer, &bounds)
+        let bounds = Self::segments(ring.len(), buffer.len() / size, size);
+        self.ring_reduce(ring, seq, signature, dtype, op, buffer, &bounds)
             .await?;
         // All-gather tags start past every reduce-scatter tag.
-        let index_base = self.world * self.per_step(&bounds, size);
-        self.ring_gather(seq, signature, buffer.bytes_mut(), &bounds, index_base)
-            .await
+        let index_base = ring.len() * self.per_step(&bounds, size);
+        self.ring_gather(
+            ring,
+            seq,
+            signature,
+            buffer.bytes_mut(),
+            &bounds,
+            index_base,
+        )
+        .await
     }
 
     /// Pipelined chain from `root` around the ring: each rank forwards a chunk while it

@@ -57,6 +57,9 @@ pub enum CommError {
         /// Why.
         message: String,
     },
+    /// The node's shared-memory file failed.
+    #[error("shared memory: {0}")]
+    SharedMemory(String),
     /// The arguments of a call are unusable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -7,12 +7,14 @@
 //! - [`wire`]: what travels between ranks over ff-net (mailbox, aborts, rendezvous store).
 //! - [`dtype`]: element types and reduction kernels.
 //! - [`comm`]: the communicator and its collectives.
+//! - `node`: allreduce's node stage (ranks of a node through `/dev/shm`, leaders on the network).
 //! - [`error`]: failures, naming ranks and calls.
 
 pub mod comm;
 pub mod config;
 pub mod dtype;
 pub mod error;
+mod node;
 pub mod wire;
 
 pub use comm::{Communicator, Handle};

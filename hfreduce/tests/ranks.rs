@@ -261,10 +261,16 @@ fn rank_entry() {
 
 // ---- parent side ---------------------------------------------------------------------------
 
+thread_local! {
+    /// The master port of this thread's last launch.
+    static LAST_PORT: std::cell::Cell<u16> = const { std::cell::Cell::new(0) };
+}
+
 /// Starts one process per rank: `nodes[r]` is rank r's virtual node.
 fn launch(scenario: &str, nodes: &[usize], only: Option<usize>, timeout_secs: u64) -> Vec<Child> {
     let world = nodes.len();
     let port = ff_harness::free_port_block(1).unwrap();
+    LAST_PORT.with(|p| p.set(port));
     (0..only.unwrap_or(world))
         .map(|rank| {
             let node = nodes[rank];
@@ -317,9 +323,29 @@ fn assert_all_done(outputs: &[Output]) {
     }
 }
 
+/// Shared-memory files of jobs on `port` still in /dev/shm.
+fn leftovers(port: u16) -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("hfreduce-") && name.contains(&format!("-{port}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[test]
 fn every_collective_on_two_nodes_of_two() {
-    assert_all_done(&finish(launch("collectives", &[0, 0, 1, 1], None, 60)));
+    let children = launch("collectives", &[0, 0, 1, 1], None, 60);
+    let port = LAST_PORT.with(|p| p.get());
+    assert_all_done(&finish(children));
+    assert_eq!(
+        leftovers(port),
+        Vec::<String>::new(),
+        "the node files are removed"
+    );
 }
 
 #[test]

@@ -1,0 +1,235 @@
+//! The node stage of allreduce, after HFReduce: the ranks of one node (equal node ids) hand
+//! their data to the node's leader through a file in `/dev/shm` (memory, not disk), the
+//! leader reduces them (split across threads), the leaders of all nodes allreduce among
+//! themselves over the network, and the leader hands the result back the same way. Only one
+//! rank per node sends on the network, so the bytes there fall by the node's size.
+//!
+//! Ordering between ranks rides on small control messages through the mailbox: the leader
+//! says the file is large enough, each local rank says its slot is written, the leader says
+//! the result is in. A local rank reads the result before it can write its next call's slot,
+//! so the leader never overwrites a result still being read.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+use crate::comm::{Inner, Ring};
+use crate::config::CommConfig;
+use crate::dtype::{Buffer, DType, ReduceOp, combine};
+use crate::error::CommError;
+use crate::wire::Signature;
+
+/// Message indices of the control messages (far above any ring message's).
+const GROWN: usize = 1 << 30;
+const WRITTEN: usize = GROWN + 1;
+const RESULT: usize = GROWN + 2;
+
+/// This rank's node.
+pub(crate) struct Node {
+    /// The node's ranks, in rank order; the first leads.
+    locals: Vec<usize>,
+    /// This rank's index among them.
+    at: usize,
+    /// The leaders of every node (leaders only).
+    leaders: Option<Ring>,
+    path: PathBuf,
+    file: Mutex<Option<File>>,
+    /// The leader's buffer for reading slots (kept between calls).
+    slot: Mutex<Buffer>,
+}
+
+fn io(what: &str, path: &std::path::Path, error: &std::io::Error) -> CommError {
+    CommError::SharedMemory(format!("{what} {}: {error}", path.display()))
+}
+
+impl Node {
+    /// The node stage for this rank, if allreduce should use one: some node holds more than one
+    /// rank and `/dev/shm` is there.
+    pub(crate) fn plan(config: &CommConfig, nodes: &[String]) -> Option<Node> {
+        let shared = nodes
+            .iter()
+            .any(|n| nodes.iter().filter(|m| *m == n).count() > 1);
+        if !shared || !std::path::Path::new("/dev/shm").is_dir() {
+            return None;
+        }
+        let mine = &nodes[config.rank];
+        let locals: Vec<usize> = (0..nodes.len()).filter(|r| nodes[*r] == *mine).collect();
+        let at = locals.iter().position(|r| *r == config.rank)?;
+        let mut leaders_list: Vec<usize> = Vec::new();
+        for (rank, node) in nodes.iter().enumerate() {
+            if nodes[..rank].iter().all(|n| n != node) {
+                leaders_list.push(rank);
+            }
+        }
+        let leaders = (at == 0).then(|| Ring {
+            at: leaders_list
+                .iter()
+                .position(|r| *r == config.rank)
+                .unwrap_or(0),
+            members: leaders_list,
+        });
+        let safe = |text: &str| -> String {
+            text.chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect()
+        };
+        let path = PathBuf::from("/dev/shm").join(format!(
+            "hfreduce-{}-{}-{}",
+            safe(&config.master_addr),
+            config.master_port,
+            safe(mine)
+        ));
+        Some(Node {
+            locals,
+            at,
+            leaders,
+            path,
+            file: Mutex::new(None),
+            slot: Mutex::new(Buffer::default()),
+        })
+    }
+
+    fn file(&self, create: bool) -> Result<File, CommError> {
+        let mut slot = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(file) = slot.as_ref() {
+            return file.try_clone().map_err(|e| io("reusing", &self.path, &e));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(&self.path)
+            .map_err(|e| io("opening", &self.path, &e))?;
+        *slot = Some(
+            file.try_clone()
+                .map_err(|e| io("reusing", &self.path, &e))?,
+        );
+        Ok(file)
+    }
+
+    async fn control(
+        &self,
+        inner: &Inner,
+        to: usize,
+        seq: u64,
+        index: usize,
+        signature: Signature,
+    ) -> Result<(), CommError> {
+        inner
+            .send(to, Inner::tag(seq, index), signature, Bytes::new())
+            .await
+    }
+
+    /// The node-stage allreduce of `buffer` (see the module documentation).
+    pub(crate) async fn allreduce(
+        &self,
+        inner: &Inner,
+        seq: u64,
+        signature: Signature,
+        dtype: DType,
+        op: ReduceOp,
+        buffer: &mut Buffer,
+    ) -> Result<(), CommError> {
+        let len = buffer.len() as u64;
+        let leader = self.locals[0];
+        let slots = self.locals.len() as u64;
+        if self.at != 0 {
+            // Wait until the file holds every slot, write ours, wait for the result.
+            inner
+                .receive(leader, Inner::tag(seq, GROWN), signature)
+                .await?;
+            let file = self.file(false)?;
+            let offset = self.at as u64 * len;
+            tokio::task::block_in_place(|| file.write_all_at(buffer.bytes(), offset))
+                .map_err(|e| io("writing", &self.path, &e))?;
+            self.control(inner, leader, seq, WRITTEN, signature).await?;
+            inner
+                .receive(leader, Inner::tag(seq, RESULT), signature)
+                .await?;
+            tokio::task::block_in_place(|| file.read_exact_at(buffer.bytes_mut(), 0))
+                .map_err(|e| io("reading", &self.path, &e))?;
+            return Ok(());
+        }
+        if slots == 1 {
+            // Alone on its node: straight to the leaders' ring, no file.
+            if let Some(leaders) = &self.leaders {
+                inner
+                    .ring_allreduce(leaders, seq, signature, dtype, op, buffer)
+                    .await?;
+            }
+            return Ok(());
+        }
+        let file = self.file(true)?;
+        let needed = slots * len;
+        let size = file
+            .metadata()
+            .map_err(|e| io("reading", &self.path, &e))?
+            .len();
+        if size < needed {
+            file.set_len(needed)
+                .map_err(|e| io("growing", &self.path, &e))?;
+        }
+        for local in &self.locals[1..] {
+            self.control(inner, *local, seq, GROWN, signature).await?;
+        }
+        for local in &self.locals[1..] {
+            inner
+                .receive(*local, Inner::tag(seq, WRITTEN), signature)
+                .await?;
+        }
+        // Reduce the node's slots into this rank's buffer.
+        {
+            let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+            slot.resize(buffer.len());
+            for index in 1..slots {
+                tokio::task::block_in_place(|| file.read_exact_at(slot.bytes_mut(), index * len))
+                    .map_err(|e| io("reading", &self.path, &e))?;
+                tokio::task::block_in_place(|| {
+                    combine_parallel(dtype, op, buffer.bytes_mut(), slot.bytes())
+                });
+            }
+        }
+        if let Some(leaders) = &self.leaders {
+            inner
+                .ring_allreduce(leaders, seq, signature, dtype, op, buffer)
+                .await?;
+        }
+        tokio::task::block_in_place(|| file.write_all_at(buffer.bytes(), 0))
+            .map_err(|e| io("writing", &self.path, &e))?;
+        for local in &self.locals[1..] {
+            self.control(inner, *local, seq, RESULT, signature).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.at == 0 && self.locals.len() > 1 {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Threads the node's reduction is split over.
+const REDUCE_THREADS: usize = 2;
+
+/// [`combine`] split across threads on element boundaries.
+fn combine_parallel(dtype: DType, op: ReduceOp, acc: &mut [u8], src: &[u8]) {
+    let size = dtype.size();
+    let elements = acc.len() / size;
+    if elements < 1 << 16 {
+        combine(dtype, op, acc, src);
+        return;
+    }
+    let per = elements.div_ceil(REDUCE_THREADS) * size;
+    std::thread::scope(|scope| {
+        for (a, s) in acc.chunks_mut(per).zip(src.chunks(per)) {
+            scope.spawn(move || combine(dtype, op, a, s));
+        }
+    });
+}

@@ -7,9 +7,11 @@
 //! - [`wire`]: what travels between ranks over ff-net (mailbox, aborts, rendezvous store).
 //! - [`dtype`]: element types and reduction kernels.
 //! - [`comm`]: the communicator and its collectives.
+//! - [`bucket`]: gradient bucketing (averaged asynchronously as buckets fill, as PyTorch DDP).
 //! - `node`: allreduce's node stage (ranks of a node through `/dev/shm`, leaders on the network).
 //! - [`error`]: failures, naming ranks and calls.
 
+pub mod bucket;
 pub mod comm;
 pub mod config;
 pub mod dtype;
@@ -17,6 +19,7 @@ pub mod error;
 mod node;
 pub mod wire;
 
+pub use bucket::Buckets;
 pub use comm::{Communicator, Handle};
 pub use config::CommConfig;
 pub use dtype::{DType, Element, ReduceOp};

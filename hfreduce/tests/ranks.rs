@@ -237,6 +237,53 @@ fn scenario_mismatch(comm: &Communicator) {
     assert!(comm.barrier().is_err());
 }
 
+fn scenario_buckets(comm: &Communicator) {
+    // Tensors as a backward pass might produce them; 64 KiB first bucket, 1 MiB others.
+    let lens = [1000, 300_000, 5, 70_000, 250_000, 7, 16_000, 1];
+    let mut buckets = hfreduce::Buckets::<f32>::new(comm, &lens, 1 << 20, 64 << 10).unwrap();
+    let plan = buckets.plan();
+    assert!(
+        plan[0] * 4 <= 64 << 10,
+        "the first bucket is the small one: {plan:?}"
+    );
+    assert!(
+        plan.iter()
+            .skip(1)
+            .all(|b| *b * 4 <= 1 << 20 || lens.contains(b)),
+        "{plan:?}"
+    );
+    assert_eq!(plan.iter().sum::<usize>(), lens.iter().sum::<usize>());
+    // Ranks produce tensors in different orders; buckets still line up.
+    let order: Vec<usize> = if comm.rank().is_multiple_of(2) {
+        (0..lens.len()).collect()
+    } else {
+        (0..lens.len()).rev().collect()
+    };
+    for &t in &order {
+        let values: Vec<f32> = (0..lens[t])
+            .map(|i| value(comm.rank(), i, t) as f32)
+            .collect();
+        buckets.ready(t, &values).unwrap();
+    }
+    let reduced = buckets.finish().unwrap();
+    let world = comm.world_size() as f32;
+    for (t, tensor) in reduced.iter().enumerate() {
+        assert_eq!(tensor.len(), lens[t]);
+        for i in (0..lens[t]).step_by(101) {
+            let sum: i64 = (0..comm.world_size()).map(|r| value(r, i, t)).sum();
+            assert!(
+                (tensor[i] - sum as f32 / world).abs() < 1e-5,
+                "tensor {t} at {i}"
+            );
+        }
+    }
+    // Misuse is refused.
+    let mut again = hfreduce::Buckets::<f32>::new(comm, &[3], 1 << 20, 64 << 10).unwrap();
+    assert!(again.ready(0, &[1.0]).is_err(), "wrong length");
+    assert!(again.ready(5, &[1.0, 2.0, 3.0]).is_err(), "no such tensor");
+    assert!(again.finish().is_err(), "never marked ready");
+}
+
 #[test]
 fn rank_entry() {
     let Ok(scenario) = std::env::var("HFREDUCE_SCENARIO") else {
@@ -254,6 +301,7 @@ fn rank_entry() {
         "overlap" => scenario_overlap(&comm),
         "killed" => scenario_killed(&comm),
         "mismatch" => scenario_mismatch(&comm),
+        "buckets" => scenario_buckets(&comm),
         other => panic!("unknown scenario {other}"),
     }
     println!("done");
@@ -361,6 +409,11 @@ fn every_collective_on_one_node_of_four() {
 #[test]
 fn async_collectives_overlap_computation() {
     assert_all_done(&finish(launch("overlap", &[0, 0, 1, 1], None, 60)));
+}
+
+#[test]
+fn gradient_buckets_are_averaged_in_order_whatever_order_tensors_come_in() {
+    assert_all_done(&finish(launch("buckets", &[0, 0, 1, 1], None, 60)));
 }
 
 #[test]

@@ -441,7 +441,7 @@ impl Communicator {
                         signature,
                         dtype,
                         op,
-                        &mut buffer,
+                        buffer.bytes_mut(),
                         &bounds,
                     )
                     .await?;
@@ -723,7 +723,7 @@ impl Inner {
     }
 
     /// Byte bounds of `parts` near-equal segments of `elements` elements of `size` bytes.
-    fn segments(parts: usize, elements: usize, size: usize) -> Vec<(usize, usize)> {
+    pub(crate) fn segments(parts: usize, elements: usize, size: usize) -> Vec<(usize, usize)> {
         (0..parts)
             .map(|i| {
                 (
@@ -882,7 +882,7 @@ impl Inner {
         signature: Signature,
         dtype: DType,
         op: ReduceOp,
-        buffer: &mut Buffer,
+        bytes: &mut [u8],
         bounds: &[(usize, usize)],
     ) -> Result<(), CommError> {
         let n = ring.len();
@@ -893,7 +893,7 @@ impl Inner {
             let outgoing = self
                 .chunks(bounds[send_seg], size)
                 .iter()
-                .map(|(s, e)| self.copy_out(&buffer.bytes()[*s..*e]))
+                .map(|(s, e)| self.copy_out(&bytes[*s..*e]))
                 .collect();
             let incoming = self.chunks(bounds[recv_seg], size);
             let base = step * self.per_step(bounds, size);
@@ -901,7 +901,7 @@ impl Inner {
                 .ring_step(ring, seq, signature, base, outgoing, &incoming)
                 .await?
             {
-                combine(dtype, op, &mut buffer.bytes_mut()[start..end], &data);
+                combine(dtype, op, &mut bytes[start..end], &data);
             }
         }
         Ok(())
@@ -955,8 +955,15 @@ impl Inner {
                     .await
             }
             None => {
-                self.ring_allreduce(&self.everyone, seq, signature, dtype, op, buffer)
-                    .await
+                self.ring_allreduce(
+                    &self.everyone,
+                    seq,
+                    signature,
+                    dtype,
+                    op,
+                    buffer.bytes_mut(),
+                )
+                .await
             }
         }
     }
@@ -969,26 +976,19 @@ impl Inner {
         signature: Signature,
         dtype: DType,
         op: ReduceOp,
-        buffer: &mut Buffer,
+        bytes: &mut [u8],
     ) -> Result<(), CommError> {
         if ring.len() == 1 {
             return Ok(());
         }
         let size = dtype.size();
-        let bounds = Self::segments(ring.len(), buffer.len() / size, size);
-        self.ring_reduce(ring, seq, signature, dtype, op, buffer, &bounds)
+        let bounds = Self::segments(ring.len(), bytes.len() / size, size);
+        self.ring_reduce(ring, seq, signature, dtype, op, bytes, &bounds)
             .await?;
         // All-gather tags start past every reduce-scatter tag.
         let index_base = ring.len() * self.per_step(&bounds, size);
-        self.ring_gather(
-            ring,
-            seq,
-            signature,
-            buffer.bytes_mut(),
-            &bounds,
-            index_base,
-        )
-        .await
+        self.ring_gather(ring, seq, signature, bytes, &bounds, index_base)
+            .await
     }
 
     /// Pipelined chain from `root` around the ring: each rank forwards a chunk while it

@@ -158,7 +158,7 @@ impl Node {
             // Alone on its node: straight to the leaders' ring, no file.
             if let Some(leaders) = &self.leaders {
                 inner
-                    .ring_allreduce(leaders, seq, signature, dtype, op, buffer)
+                    .ring_allreduce(leaders, seq, signature, dtype, op, buffer.bytes_mut())
                     .await?;
             }
             return Ok(());
@@ -195,7 +195,7 @@ impl Node {
         }
         if let Some(leaders) = &self.leaders {
             inner
-                .ring_allreduce(leaders, seq, signature, dtype, op, buffer)
+                .ring_allreduce(leaders, seq, signature, dtype, op, buffer.bytes_mut())
                 .await?;
         }
         tokio::task::block_in_place(|| file.write_all_at(buffer.bytes(), 0))

@@ -32,6 +32,10 @@ pub struct CommConfig {
     pub timeout: Duration,
     /// Bytes per pipelined message.
     pub chunk_bytes: usize,
+    /// Allreduce's node stage in lanes (every local rank carries a part over the network with
+    /// its peers of other nodes) rather than through one leader per node. Off by default: on
+    /// the 2-core machine it was measured on, lanes were no faster (docs/benchmarks.md).
+    pub lanes: bool,
 }
 
 fn var(name: &str) -> Result<String, CommError> {
@@ -48,7 +52,7 @@ fn number<T: std::str::FromStr>(name: &str) -> Result<T, CommError> {
 
 impl CommConfig {
     /// From the environment; `HFREDUCE_NODE_ID`, `HFREDUCE_TIMEOUT` (seconds),
-    /// `HFREDUCE_CHUNK_BYTES` and `HFREDUCE_LISTEN_HOST` are optional.
+    /// `HFREDUCE_CHUNK_BYTES`, `HFREDUCE_LISTEN_HOST` and `HFREDUCE_LANES` are optional.
     pub fn from_env() -> Result<CommConfig, CommError> {
         let node_id = match std::env::var("HFREDUCE_NODE_ID") {
             Ok(id) => id,
@@ -74,6 +78,15 @@ impl CommConfig {
             chunk_bytes: match std::env::var("HFREDUCE_CHUNK_BYTES") {
                 Ok(_) => number("HFREDUCE_CHUNK_BYTES")?,
                 Err(_) => 1 << 20,
+            },
+            lanes: match std::env::var("HFREDUCE_LANES").as_deref() {
+                Ok("1" | "true" | "yes") => true,
+                Ok("0" | "false" | "no") | Err(_) => false,
+                Ok(other) => {
+                    return Err(CommError::Config(format!(
+                        "HFREDUCE_LANES={other:?}: use 1 or 0"
+                    )));
+                }
             },
         };
         config.validate()?;
@@ -147,6 +160,7 @@ mod tests {
             listen_host: "127.0.0.1".into(),
             timeout: Duration::from_secs(5),
             chunk_bytes: 1 << 20,
+            lanes: false,
         }
     }
 

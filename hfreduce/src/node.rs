@@ -1,8 +1,13 @@
-//! The node stage of allreduce, after HFReduce: the ranks of one node (equal node ids) hand
-//! their data to the node's leader through a file in `/dev/shm` (memory, not disk), the
-//! leader reduces them (split across threads), the leaders of all nodes allreduce among
-//! themselves over the network, and the leader hands the result back the same way. Only one
-//! rank per node sends on the network, so the bytes there fall by the node's size.
+//! The node stage of allreduce, after HFReduce: the ranks of one node (equal node ids) share
+//! their data through a file in `/dev/shm` (memory, not disk) and only the node's reduction
+//! goes on the network.
+//!
+//! With lanes on (`HFREDUCE_LANES=1`) and every node holding the same number of ranks, every
+//! rank works: rank `i` of a node reduces
+//! part `i` of the data from all the node's slots, allreduces that part over the network with
+//! rank `i` of every other node (its *lane*), and writes it to the node's result region, which
+//! every rank of the node then reads. Otherwise (the default) the node's lowest rank, its
+//! leader, does the reduction and the network part for the whole buffer.
 //!
 //! Ordering between ranks rides on small control messages through the mailbox: the leader
 //! says the file is large enough, each local rank says its slot is written, the leader says
@@ -26,6 +31,7 @@ use crate::wire::Signature;
 const GROWN: usize = 1 << 30;
 const WRITTEN: usize = GROWN + 1;
 const RESULT: usize = GROWN + 2;
+const PART_DONE: usize = GROWN + 3;
 
 /// This rank's node.
 pub(crate) struct Node {
@@ -35,6 +41,8 @@ pub(crate) struct Node {
     at: usize,
     /// The leaders of every node (leaders only).
     leaders: Option<Ring>,
+    /// Rank `at` of every node, when all nodes have the same number of ranks.
+    lane: Option<Ring>,
     path: PathBuf,
     file: Mutex<Option<File>>,
     /// The leader's buffer for reading slots (kept between calls).
@@ -64,6 +72,26 @@ impl Node {
                 leaders_list.push(rank);
             }
         }
+        let sizes: Vec<usize> = leaders_list
+            .iter()
+            .map(|l| nodes.iter().filter(|n| **n == nodes[*l]).count())
+            .collect();
+        let lane = (config.lanes && sizes.iter().all(|s| *s == locals.len())).then(|| {
+            let members: Vec<usize> = leaders_list
+                .iter()
+                .map(|l| {
+                    let node = &nodes[*l];
+                    (0..nodes.len())
+                        .filter(|r| nodes[*r] == *node)
+                        .nth(at)
+                        .unwrap_or(*l)
+                })
+                .collect();
+            Ring {
+                at: members.iter().position(|r| *r == config.rank).unwrap_or(0),
+                members,
+            }
+        });
         let leaders = (at == 0).then(|| Ring {
             at: leaders_list
                 .iter()
@@ -86,6 +114,7 @@ impl Node {
             locals,
             at,
             leaders,
+            lane,
             path,
             file: Mutex::new(None),
             slot: Mutex::new(Buffer::default()),
@@ -134,6 +163,11 @@ impl Node {
         op: ReduceOp,
         buffer: &mut Buffer,
     ) -> Result<(), CommError> {
+        if let (Some(lane), true) = (&self.lane, self.locals.len() > 1) {
+            return self
+                .allreduce_in_lanes(inner, lane, seq, signature, dtype, op, buffer)
+                .await;
+        }
         let len = buffer.len() as u64;
         let leader = self.locals[0];
         let slots = self.locals.len() as u64;
@@ -202,6 +236,114 @@ impl Node {
             .map_err(|e| io("writing", &self.path, &e))?;
         for local in &self.locals[1..] {
             self.control(inner, *local, seq, RESULT, signature).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Node {
+    /// Every local rank reduces its part and carries it on its lane (see the module docs).
+    /// File layout: one slot per local rank, then the result region.
+    #[allow(clippy::too_many_arguments)]
+    async fn allreduce_in_lanes(
+        &self,
+        inner: &Inner,
+        lane: &Ring,
+        seq: u64,
+        signature: Signature,
+        dtype: DType,
+        op: ReduceOp,
+        buffer: &mut Buffer,
+    ) -> Result<(), CommError> {
+        let len = buffer.len();
+        let slots = self.locals.len();
+        let others: Vec<usize> = self
+            .locals
+            .iter()
+            .copied()
+            .filter(|r| *r != self.locals[self.at])
+            .collect();
+        let file = if self.at == 0 {
+            let file = self.file(true)?;
+            let needed = ((slots + 1) * len) as u64;
+            let size = file
+                .metadata()
+                .map_err(|e| io("reading", &self.path, &e))?
+                .len();
+            if size < needed {
+                file.set_len(needed)
+                    .map_err(|e| io("growing", &self.path, &e))?;
+            }
+            for local in &others {
+                self.control(inner, *local, seq, GROWN, signature).await?;
+            }
+            file
+        } else {
+            inner
+                .receive(self.locals[0], Inner::tag(seq, GROWN), signature)
+                .await?;
+            self.file(false)?
+        };
+        let at = |slot: usize, offset: usize| (slot * len + offset) as u64;
+        // 1. Every slot written.
+        tokio::task::block_in_place(|| file.write_all_at(buffer.bytes(), at(self.at, 0)))
+            .map_err(|e| io("writing", &self.path, &e))?;
+        for local in &others {
+            self.control(inner, *local, seq, WRITTEN, signature).await?;
+        }
+        for local in &others {
+            inner
+                .receive(*local, Inner::tag(seq, WRITTEN), signature)
+                .await?;
+        }
+        // 2. This rank's part reduced over the node's slots, then over its lane.
+        let size = dtype.size();
+        let parts = Inner::segments(slots, len / size, size);
+        let (start, end) = parts[self.at];
+        {
+            let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+            slot.resize(end - start);
+            for other in (0..slots).filter(|s| *s != self.at) {
+                tokio::task::block_in_place(|| {
+                    file.read_exact_at(slot.bytes_mut(), at(other, start))
+                })
+                .map_err(|e| io("reading", &self.path, &e))?;
+                tokio::task::block_in_place(|| {
+                    combine_parallel(dtype, op, &mut buffer.bytes_mut()[start..end], slot.bytes());
+                });
+            }
+        }
+        inner
+            .ring_allreduce(
+                lane,
+                seq,
+                signature,
+                dtype,
+                op,
+                &mut buffer.bytes_mut()[start..end],
+            )
+            .await?;
+        // 3. The part into the result region; then every other part from it.
+        tokio::task::block_in_place(|| {
+            file.write_all_at(&buffer.bytes()[start..end], at(slots, start))
+        })
+        .map_err(|e| io("writing", &self.path, &e))?;
+        for local in &others {
+            self.control(inner, *local, seq, PART_DONE, signature)
+                .await?;
+        }
+        for local in &others {
+            inner
+                .receive(*local, Inner::tag(seq, PART_DONE), signature)
+                .await?;
+        }
+        for (part, (s, e)) in parts.iter().enumerate() {
+            if part != self.at {
+                tokio::task::block_in_place(|| {
+                    file.read_exact_at(&mut buffer.bytes_mut()[*s..*e], at(slots, *s))
+                })
+                .map_err(|e| io("reading", &self.path, &e))?;
+            }
         }
         Ok(())
     }

@@ -316,6 +316,17 @@ thread_local! {
 
 /// Starts one process per rank: `nodes[r]` is rank r's virtual node.
 fn launch(scenario: &str, nodes: &[usize], only: Option<usize>, timeout_secs: u64) -> Vec<Child> {
+    launch_with(scenario, nodes, only, timeout_secs, &[])
+}
+
+/// [`launch`] with extra environment for every rank.
+fn launch_with(
+    scenario: &str,
+    nodes: &[usize],
+    only: Option<usize>,
+    timeout_secs: u64,
+    env: &[(&str, &str)],
+) -> Vec<Child> {
     let world = nodes.len();
     let port = ff_harness::free_port_block(1).unwrap();
     LAST_PORT.with(|p| p.set(port));
@@ -341,6 +352,7 @@ fn launch(scenario: &str, nodes: &[usize], only: Option<usize>, timeout_secs: u6
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
                 .env("HFREDUCE_TIMEOUT", timeout_secs.to_string())
+                .envs(env.iter().copied())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -394,6 +406,23 @@ fn every_collective_on_two_nodes_of_two() {
         Vec::<String>::new(),
         "the node files are removed"
     );
+}
+
+#[test]
+fn every_collective_through_lanes_on_two_nodes_of_two() {
+    let children = launch_with(
+        "collectives",
+        &[0, 0, 1, 1],
+        None,
+        60,
+        &[("HFREDUCE_LANES", "1")],
+    );
+    assert_all_done(&finish(children));
+}
+
+#[test]
+fn every_collective_on_uneven_nodes() {
+    assert_all_done(&finish(launch("collectives", &[0, 0, 1], None, 60)));
 }
 
 #[test]

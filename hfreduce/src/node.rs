@@ -140,6 +140,36 @@ impl Node {
         Ok(file)
     }
 
+    /// The node's file, at least `needed` bytes long: the leader grows it and tells the other
+    /// local ranks, which wait for that before using it.
+    async fn sized_file(
+        &self,
+        inner: &Inner,
+        seq: u64,
+        signature: Signature,
+        needed: u64,
+    ) -> Result<File, CommError> {
+        if self.at != 0 {
+            inner
+                .receive(self.locals[0], Inner::tag(seq, GROWN), signature)
+                .await?;
+            return self.file(false);
+        }
+        let file = self.file(true)?;
+        let size = file
+            .metadata()
+            .map_err(|e| io("reading", &self.path, &e))?
+            .len();
+        if size < needed {
+            file.set_len(needed)
+                .map_err(|e| io("growing", &self.path, &e))?;
+        }
+        for local in &self.locals[1..] {
+            self.control(inner, *local, seq, GROWN, signature).await?;
+        }
+        Ok(file)
+    }
+
     async fn control(
         &self,
         inner: &Inner,
@@ -173,10 +203,7 @@ impl Node {
         let slots = self.locals.len() as u64;
         if self.at != 0 {
             // Wait until the file holds every slot, write ours, wait for the result.
-            inner
-                .receive(leader, Inner::tag(seq, GROWN), signature)
-                .await?;
-            let file = self.file(false)?;
+            let file = self.sized_file(inner, seq, signature, slots * len).await?;
             let offset = self.at as u64 * len;
             tokio::task::block_in_place(|| file.write_all_at(buffer.bytes(), offset))
                 .map_err(|e| io("writing", &self.path, &e))?;
@@ -197,19 +224,7 @@ impl Node {
             }
             return Ok(());
         }
-        let file = self.file(true)?;
-        let needed = slots * len;
-        let size = file
-            .metadata()
-            .map_err(|e| io("reading", &self.path, &e))?
-            .len();
-        if size < needed {
-            file.set_len(needed)
-                .map_err(|e| io("growing", &self.path, &e))?;
-        }
-        for local in &self.locals[1..] {
-            self.control(inner, *local, seq, GROWN, signature).await?;
-        }
+        let file = self.sized_file(inner, seq, signature, slots * len).await?;
         for local in &self.locals[1..] {
             inner
                 .receive(*local, Inner::tag(seq, WRITTEN), signature)
@@ -263,27 +278,9 @@ impl Node {
             .copied()
             .filter(|r| *r != self.locals[self.at])
             .collect();
-        let file = if self.at == 0 {
-            let file = self.file(true)?;
-            let needed = ((slots + 1) * len) as u64;
-            let size = file
-                .metadata()
-                .map_err(|e| io("reading", &self.path, &e))?
-                .len();
-            if size < needed {
-                file.set_len(needed)
-                    .map_err(|e| io("growing", &self.path, &e))?;
-            }
-            for local in &others {
-                self.control(inner, *local, seq, GROWN, signature).await?;
-            }
-            file
-        } else {
-            inner
-                .receive(self.locals[0], Inner::tag(seq, GROWN), signature)
-                .await?;
-            self.file(false)?
-        };
+        let file = self
+            .sized_file(inner, seq, signature, ((slots + 1) * len) as u64)
+            .await?;
         let at = |slot: usize, offset: usize| (slot * len + offset) as u64;
         // 1. Every slot written.
         tokio::task::block_in_place(|| file.write_all_at(buffer.bytes(), at(self.at, 0)))

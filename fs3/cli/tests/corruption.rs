@@ -96,11 +96,24 @@ async fn flipped_bytes_are_detected_and_repaired() {
     assert_replicas_identical(&client, &cluster, 3).await;
     let metrics =
         cluster.metrics_endpoints()[&format!("storage-{}", cluster.spec().node_of(victim))].clone();
-    let text = ff_metrics::http_get(&metrics, "/metrics").await.unwrap();
-    assert!(
-        text.contains("fs3_storage_recovery_chunks_total{kind=\"repaired\"} 1"),
-        "repair not counted:\n{text}"
-    );
+    // Counted once the repair finishes (a moment after its data is readable).
+    ff_harness::wait_for(
+        "the repair counted",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || async {
+            let text = ff_metrics::http_get(&metrics, "/metrics")
+                .await
+                .map_err(|e| ff_harness::NotReady::Pending(e.to_string()))?;
+            if text.contains("fs3_storage_recovery_chunks_total{kind=\"repaired\"} 1") {
+                Ok(())
+            } else {
+                Err(format!("repair not counted:\n{text}").into())
+            }
+        },
+    )
+    .await
+    .unwrap();
     cluster.stop_all().await;
     drop(dir);
 }

@@ -165,18 +165,27 @@ async fn kill_storage_mid_stream_then_resync(position: usize) {
         .filter(|t| t.state() == PublicState::Serving)
         .count();
     assert_eq!(serving, 2, "{:?}", routing.chains[0]);
-    // Operators see it: mgmtd's metrics count the offline target and the chain change.
-    let mgmtd_metrics = metric_text(&cluster, "mgmtd-1").await;
-    for series in [
+    // Operators see it: mgmtd's metrics count the offline target and the chain change (the
+    // gauges follow the committed change; a scrape may come a moment before).
+    let expected = [
         "fs3_mgmtd_targets{state=\"offline\"} 1",
         "fs3_mgmtd_targets{state=\"serving\"} 2",
         "raft_is_leader 1",
-    ] {
-        assert!(
-            mgmtd_metrics.contains(series),
-            "no {series}:\n{mgmtd_metrics}"
-        );
-    }
+    ];
+    let mgmtd_metrics = ff_harness::wait_for(
+        "mgmtd's metrics to show the offline target",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || async {
+            let text = metric_text(&cluster, "mgmtd-1").await;
+            match expected.iter().find(|series| !text.contains(*series)) {
+                None => Ok(text),
+                Some(series) => Err(format!("no {series}:\n{text}").into()),
+            }
+        },
+    )
+    .await
+    .unwrap();
     assert!(
         metric_value(&mgmtd_metrics, "fs3_mgmtd_chain_changes_total") >= 1.0,
         "{mgmtd_metrics}"

@@ -241,14 +241,17 @@ impl MgmtdApi {
         }
         let changed = updates.len();
         if changed > 0 {
-            self.metrics.chain_changes.inc_by(changed as u64);
             let result = self
                 .node
                 .propose(Command {
                     op: Some(command::Op::UpdateChains(UpdateChains { updates })),
                 })
                 .await?;
-            if !result.error.is_empty() {
+            if result.error.is_empty() {
+                // Operators see the change at once, not a detector round later.
+                self.metrics.chain_changes.inc_by(changed as u64);
+                self.metrics.set_routing(&self.routing().await?);
+            } else {
                 tracing::warn!(error = %result.error, "chain update refused");
             }
         }

@@ -169,16 +169,6 @@ enum IoArg {
     Psync,
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -188,39 +178,6 @@ async fn main() {
     }
 }
 
-/// Resolves when the daemon should stop: SIGTERM, Ctrl-C, or (with `exit_with_parent`) the
-/// end of standard input.
-async fn stop_signal(exit_with_parent: bool) -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let parent_gone = async {
-        if exit_with_parent {
-            let mut sink = Vec::new();
-            let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-        () = parent_gone => {}
-    }
-    Ok(())
-}
-
-/// Waits for a stop signal, or for the raft node to stop on its own (returning why).
-async fn until_stopped<S: ff_raft::StateMachine>(
-    node: &ff_raft::RaftNode<S>,
-    exit_with_parent: bool,
-) -> anyhow::Result<Option<String>> {
-    let failure = tokio::select! {
-        stop = stop_signal(exit_with_parent) => { stop?; None }
-        reason = node.stopped() => Some(reason),
-    };
-    tracing::info!("stopping");
-    Ok(failure)
-}
-
 /// A daemon's validated config from its file (and the environment), logging set up; or, with
 /// `--print-default-config`, the documented template printed and nothing to run.
 fn daemon_config<C: DaemonConfig>(args: &DaemonArgs) -> anyhow::Result<Option<C>> {
@@ -228,7 +185,7 @@ fn daemon_config<C: DaemonConfig>(args: &DaemonArgs) -> anyhow::Result<Option<C>
         print!("{}", C::TEMPLATE);
         return Ok(None);
     }
-    init_logging();
+    ff_raft::init_logging();
     Ok(Some(ff_config::load(args.config.as_deref())?))
 }
 
@@ -240,7 +197,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             };
             let mgmtd = Mgmtd::start(config).await?;
-            let failure = until_stopped(mgmtd.daemon().node(), args.exit_with_parent).await?;
+            let failure =
+                ff_raft::until_stopped(mgmtd.daemon().node(), args.exit_with_parent).await?;
             mgmtd.shutdown().await;
             failure.map_or(Ok(()), |reason| bail!("raft node stopped: {reason}"))
         }
@@ -249,7 +207,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             };
             let meta = Meta::start(config).await?;
-            let failure = until_stopped(meta.daemon().node(), args.exit_with_parent).await?;
+            let failure =
+                ff_raft::until_stopped(meta.daemon().node(), args.exit_with_parent).await?;
             meta.shutdown().await;
             failure.map_or(Ok(()), |reason| bail!("raft node stopped: {reason}"))
         }
@@ -258,7 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             };
             let storage = StorageDaemon::start(config).await?;
-            stop_signal(args.exit_with_parent).await?;
+            ff_raft::stop_signal(args.exit_with_parent).await?;
             tracing::info!("stopping");
             storage.shutdown().await;
             Ok(())
@@ -282,7 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     meta,
                     port,
                 },
-                stop_signal(false),
+                async { Ok(ff_raft::stop_signal(false).await?) },
             )
             .await
         }
@@ -342,8 +301,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mountpoint,
             options,
         } => {
-            init_logging();
-            mount::run(mountpoint, &options, &connect, stop_signal(false)).await
+            ff_raft::init_logging();
+            mount::run(mountpoint, &options, &connect, async {
+                Ok(ff_raft::stop_signal(false).await?)
+            })
+            .await
         }
         Cmd::Files(command) => files::run(command, &connect).await,
     }

@@ -171,16 +171,6 @@ fn client(endpoints: Endpoints) -> anyhow::Result<KvClient> {
     )?)
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -201,7 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", KvConfig::TEMPLATE);
                 return Ok(());
             }
-            init_logging();
+            ff_raft::init_logging();
             serve(config, exit_with_parent).await
         }
         Cmd::Put {
@@ -305,24 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(config: Option<PathBuf>, exit_with_parent: bool) -> anyhow::Result<()> {
     let config: KvConfig = ff_config::load(config.as_deref())?;
     let server = ff_raft_kv::server::start(config).await?;
-    let node = server.node().clone();
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let parent_gone = async {
-        if exit_with_parent {
-            // The supervisor holds our stdin open; end of input means it is gone.
-            let mut sink = Vec::new();
-            let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    let failure = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
-        _ = terminate.recv() => None,
-        () = parent_gone => None,
-        reason = node.stopped() => Some(reason),
-    };
-    tracing::info!("stopping");
+    let failure = ff_raft::until_stopped(server.node(), exit_with_parent).await?;
     server.shutdown().await;
     match failure {
         Some(reason) => bail!("raft node stopped: {reason}"),

@@ -193,3 +193,68 @@ mod tests {
         assert!(err.to_string().contains(&addr), "{err}");
     }
 }
+
+/// The request series every service exports: `{prefix}_requests_total{op,outcome}` and
+/// `{prefix}_request_seconds{op}`, with the known operations' series present from the start
+/// (so that dashboards and alerts see zeros, not gaps).
+#[derive(Clone, Debug)]
+pub struct RequestMetrics {
+    requests: prometheus::IntCounterVec,
+    seconds: prometheus::HistogramVec,
+}
+
+impl RequestMetrics {
+    /// Registers the series of the service `what` under `prefix` in `registry`.
+    pub fn register(
+        registry: &Registry,
+        prefix: &str,
+        what: &str,
+        ops: &[&str],
+    ) -> Result<RequestMetrics, prometheus::Error> {
+        let requests = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                format!("{prefix}_requests_total"),
+                format!("{what} requests, by operation and outcome"),
+            ),
+            &["op", "outcome"],
+        )?;
+        let seconds = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                format!("{prefix}_request_seconds"),
+                format!("Time to serve a {what} request, by operation"),
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18)?),
+            &["op"],
+        )?;
+        for op in ops {
+            for outcome in ["ok", "error"] {
+                requests.with_label_values(&[op, outcome]);
+            }
+            seconds.with_label_values(&[op]);
+        }
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(seconds.clone()))?;
+        Ok(RequestMetrics { requests, seconds })
+    }
+
+    /// Counts one request of `op` that started at `started`.
+    pub fn observe(&self, op: &str, started: std::time::Instant, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.requests.with_label_values(&[op, outcome]).inc();
+        self.seconds
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Runs `request` as one request of `op`, counting and timing it.
+    pub async fn timed<T, E>(
+        &self,
+        op: &str,
+        request: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let started = std::time::Instant::now();
+        let result = request.await;
+        self.observe(op, started, result.is_ok());
+        result
+    }
+}

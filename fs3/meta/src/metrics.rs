@@ -1,10 +1,9 @@
 //! Prometheus series of a meta replica (besides ff-raft's own): its API's requests by
 //! operation and outcome, their latency, and the garbage collector's and session pruner's work.
 
-use std::time::Instant;
-
+use ff_metrics::RequestMetrics;
 use fs3_proto::meta::{command, query};
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, Registry};
 
 /// The name of a command, as a label.
 pub fn command_name(op: &command::Op) -> &'static str {
@@ -44,8 +43,8 @@ pub fn query_name(op: &query::Op) -> &'static str {
 /// The metrics of one meta replica.
 #[derive(Clone, Debug)]
 pub struct MetaMetrics {
-    requests: IntCounterVec,
-    seconds: HistogramVec,
+    /// The API's requests.
+    pub requests: RequestMetrics,
     /// Unlinked files whose chunks were removed and which were forgotten.
     pub files_collected: IntCounter,
     /// Sessions ended because their client went silent.
@@ -55,20 +54,13 @@ pub struct MetaMetrics {
 impl MetaMetrics {
     /// Registers the series in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "fs3_meta_requests_total",
-                "meta API requests, by operation and outcome",
-            ),
-            &["op", "outcome"],
-        )?;
-        let seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "fs3_meta_request_seconds",
-                "Time to serve a meta API request, by operation",
-            )
-            .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18)?),
-            &["op"],
+        let requests = RequestMetrics::register(
+            registry,
+            "fs3_meta",
+            "meta API",
+            &[
+                "create", "remove", "rename", "lookup", "get_attr", "read_dir",
+            ],
         )?;
         let files_collected = IntCounter::new(
             "fs3_meta_gc_files_total",
@@ -78,32 +70,12 @@ impl MetaMetrics {
             "fs3_meta_expired_clients_total",
             "Clients whose write sessions were ended because they went silent",
         )?;
-        for op in [
-            "create", "remove", "rename", "lookup", "get_attr", "read_dir",
-        ] {
-            for outcome in ["ok", "error"] {
-                requests.with_label_values(&[op, outcome]);
-            }
-        }
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(seconds.clone()))?;
         registry.register(Box::new(files_collected.clone()))?;
         registry.register(Box::new(clients_expired.clone()))?;
         Ok(MetaMetrics {
             requests,
-            seconds,
             files_collected,
             clients_expired,
         })
-    }
-
-    /// Counts and times one request.
-    pub fn observe(&self, op: &str, started: Instant, ok: bool) {
-        self.requests
-            .with_label_values(&[op, if ok { "ok" } else { "error" }])
-            .inc();
-        self.seconds
-            .with_label_values(&[op])
-            .observe(started.elapsed().as_secs_f64());
     }
 }

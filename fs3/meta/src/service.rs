@@ -184,17 +184,6 @@ impl MetaApi {
         }
     }
 
-    async fn timed<T>(
-        &self,
-        op: &str,
-        request: impl std::future::Future<Output = Result<T, Status>>,
-    ) -> Result<T, Status> {
-        let started = Instant::now();
-        let result = request.await;
-        self.metrics.observe(op, started, result.is_ok());
-        result
-    }
-
     /// Proposes `command` as the replica's own (service commands: chain tables, pruning,
     /// purges), with root credentials and this replica's clock.
     pub(crate) async fn propose_internal(
@@ -380,7 +369,9 @@ impl Meta for MetaApi {
             Some(op) => crate::metrics::command_name(op),
             None => "empty",
         };
-        self.timed(op, MetaApi::mutate(self, request))
+        self.metrics
+            .requests
+            .timed(op, MetaApi::mutate(self, request))
             .await
             .map(Response::new)
     }
@@ -390,7 +381,9 @@ impl Meta for MetaApi {
             Some(op) => crate::metrics::query_name(op),
             None => "empty",
         };
-        self.timed(op, MetaApi::read(self, request))
+        self.metrics
+            .requests
+            .timed(op, MetaApi::read(self, request))
             .await
             .map(Response::new)
     }
@@ -414,7 +407,9 @@ impl Meta for MetaApi {
         &self,
         request: Request<StatfsRequest>,
     ) -> Result<Response<StatfsReply>, Status> {
-        self.timed("statfs", MetaApi::statfs(self, request))
+        self.metrics
+            .requests
+            .timed("statfs", MetaApi::statfs(self, request))
             .await
             .map(Response::new)
     }

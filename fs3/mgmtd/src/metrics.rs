@@ -2,12 +2,9 @@
 //! latency, and the cluster as this replica has applied it — routing version, each chain's
 //! version, targets by public state, and (on the leader) services by liveness.
 
-use std::time::Instant;
-
+use ff_metrics::RequestMetrics;
 use fs3_proto::mgmtd::{PublicState, RoutingInfo};
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// The API operations, for pre-registered series.
 const OPS: [&str; 7] = [
@@ -23,8 +20,8 @@ const OPS: [&str; 7] = [
 /// The metrics of one mgmtd replica.
 #[derive(Clone, Debug)]
 pub struct MgmtdMetrics {
-    requests: IntCounterVec,
-    seconds: HistogramVec,
+    /// The API's requests.
+    pub requests: RequestMetrics,
     routing_version: IntGauge,
     chain_version: IntGaugeVec,
     targets: IntGaugeVec,
@@ -36,21 +33,7 @@ pub struct MgmtdMetrics {
 impl MgmtdMetrics {
     /// Registers the series in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "fs3_mgmtd_requests_total",
-                "mgmtd API requests, by operation and outcome",
-            ),
-            &["op", "outcome"],
-        )?;
-        let seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "fs3_mgmtd_request_seconds",
-                "Time to serve an mgmtd API request, by operation",
-            )
-            .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18)?),
-            &["op"],
-        )?;
+        let requests = RequestMetrics::register(registry, "fs3_mgmtd", "mgmtd API", &OPS)?;
         let routing_version = IntGauge::new(
             "fs3_mgmtd_routing_version",
             "Routing version this replica has applied",
@@ -74,14 +57,6 @@ impl MgmtdMetrics {
             "fs3_mgmtd_chain_changes_total",
             "Chains changed by the failure detector",
         )?;
-        for op in OPS {
-            for outcome in ["ok", "error"] {
-                requests.with_label_values(&[op, outcome]);
-            }
-            seconds.with_label_values(&[op]);
-        }
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(seconds.clone()))?;
         registry.register(Box::new(routing_version.clone()))?;
         registry.register(Box::new(chain_version.clone()))?;
         registry.register(Box::new(targets.clone()))?;
@@ -89,22 +64,12 @@ impl MgmtdMetrics {
         registry.register(Box::new(chain_changes.clone()))?;
         Ok(MgmtdMetrics {
             requests,
-            seconds,
             routing_version,
             chain_version,
             targets,
             services,
             chain_changes,
         })
-    }
-
-    /// Counts one request of `op` that started at `started`.
-    pub fn observe(&self, op: &str, started: Instant, ok: bool) {
-        let outcome = if ok { "ok" } else { "error" };
-        self.requests.with_label_values(&[op, outcome]).inc();
-        self.seconds
-            .with_label_values(&[op])
-            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Sets the cluster gauges from `routing`.

@@ -107,18 +107,6 @@ impl MgmtdApi {
         }
     }
 
-    /// Runs one API request of `op`, counting it and timing it.
-    async fn timed<T>(
-        &self,
-        op: &str,
-        request: impl std::future::Future<Output = Result<T, Status>>,
-    ) -> Result<T, Status> {
-        let started = Instant::now();
-        let result = request.await;
-        self.metrics.observe(op, started, result.is_ok());
-        result
-    }
-
     fn live(&self) -> std::sync::MutexGuard<'_, Liveness> {
         // Maps and timestamps only; a poisoned lock still holds usable values.
         self.live.lock().unwrap_or_else(|p| p.into_inner())
@@ -265,176 +253,190 @@ impl Mgmtd for MgmtdApi {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
-        self.timed("heartbeat", async move {
-            if let Some(status) = self.not_leader() {
-                return Err(status);
-            }
-            let beat = request.into_inner();
-            if beat.node_id == 0 {
-                return Err(Status::invalid_argument("node id 0 is invalid"));
-            }
-            {
-                let mut live = self.live();
-                live.nodes.insert(beat.node_id, Instant::now());
-                for target in &beat.targets {
-                    if let Some(state) = to_local(target.state) {
-                        live.targets.insert(target.target_id, state);
-                    }
-                    live.space
-                        .insert(target.target_id, (target.capacity_bytes, target.free_bytes));
+        self.metrics
+            .requests
+            .timed("heartbeat", async move {
+                if let Some(status) = self.not_leader() {
+                    return Err(status);
                 }
-            }
-            // Registration goes through raft only when something is new.
-            let routing = self.routing().await.map_err(status)?;
-            let node = Node {
-                id: beat.node_id,
-                kind: beat.kind,
-                addr: beat.addr.clone(),
-                hostname: beat.hostname.clone(),
-            };
-            let mut version = routing.version;
-            if !routing.nodes.contains(&node) {
-                version = self.propose(command::Op::RegisterNode(node)).await?;
-            }
-            let unknown: Vec<Target> = beat
-                .targets
-                .iter()
-                .filter(|t| {
-                    !routing
-                        .targets
-                        .iter()
-                        .any(|known| known.id == t.target_id && known.path == t.path)
-                })
-                .map(|t| Target {
-                    id: t.target_id,
-                    node_id: beat.node_id,
-                    path: t.path.clone(),
-                    admin_offline: false,
-                })
-                .collect();
-            if !unknown.is_empty() {
-                version = self
-                    .propose(command::Op::RegisterTargets(RegisterTargets {
-                        targets: unknown,
-                    }))
-                    .await?;
-            }
-            Ok(Response::new(HeartbeatReply {
-                routing_version: version,
-                lease_ms: self.lease.as_millis() as u64,
-            }))
-        })
-        .await
+                let beat = request.into_inner();
+                if beat.node_id == 0 {
+                    return Err(Status::invalid_argument("node id 0 is invalid"));
+                }
+                {
+                    let mut live = self.live();
+                    live.nodes.insert(beat.node_id, Instant::now());
+                    for target in &beat.targets {
+                        if let Some(state) = to_local(target.state) {
+                            live.targets.insert(target.target_id, state);
+                        }
+                        live.space
+                            .insert(target.target_id, (target.capacity_bytes, target.free_bytes));
+                    }
+                }
+                // Registration goes through raft only when something is new.
+                let routing = self.routing().await.map_err(status)?;
+                let node = Node {
+                    id: beat.node_id,
+                    kind: beat.kind,
+                    addr: beat.addr.clone(),
+                    hostname: beat.hostname.clone(),
+                };
+                let mut version = routing.version;
+                if !routing.nodes.contains(&node) {
+                    version = self.propose(command::Op::RegisterNode(node)).await?;
+                }
+                let unknown: Vec<Target> = beat
+                    .targets
+                    .iter()
+                    .filter(|t| {
+                        !routing
+                            .targets
+                            .iter()
+                            .any(|known| known.id == t.target_id && known.path == t.path)
+                    })
+                    .map(|t| Target {
+                        id: t.target_id,
+                        node_id: beat.node_id,
+                        path: t.path.clone(),
+                        admin_offline: false,
+                    })
+                    .collect();
+                if !unknown.is_empty() {
+                    version = self
+                        .propose(command::Op::RegisterTargets(RegisterTargets {
+                            targets: unknown,
+                        }))
+                        .await?;
+                }
+                Ok(Response::new(HeartbeatReply {
+                    routing_version: version,
+                    lease_ms: self.lease.as_millis() as u64,
+                }))
+            })
+            .await
     }
 
     async fn get_routing(
         &self,
         request: Request<GetRoutingRequest>,
     ) -> Result<Response<RoutingInfo>, Status> {
-        self.timed("get_routing", async move {
-            let known = request.into_inner().known_version;
-            let routing = self
-                .node
-                .read_with(
-                    Query {
-                        known_version: known,
-                    },
-                    Consistency::Local,
-                )
-                .await
-                .map_err(status)?;
-            Ok(Response::new(routing))
-        })
-        .await
+        self.metrics
+            .requests
+            .timed("get_routing", async move {
+                let known = request.into_inner().known_version;
+                let routing = self
+                    .node
+                    .read_with(
+                        Query {
+                            known_version: known,
+                        },
+                        Consistency::Local,
+                    )
+                    .await
+                    .map_err(status)?;
+                Ok(Response::new(routing))
+            })
+            .await
     }
 
     async fn create_chains(
         &self,
         request: Request<CreateChainsRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        self.timed("create_chains", async move {
-            self.propose(command::Op::CreateChains(request.into_inner()))
-                .await?;
-            self.admin_reply().await
-        })
-        .await
+        self.metrics
+            .requests
+            .timed("create_chains", async move {
+                self.propose(command::Op::CreateChains(request.into_inner()))
+                    .await?;
+                self.admin_reply().await
+            })
+            .await
     }
 
     async fn create_chain_table(
         &self,
         request: Request<CreateChainTableRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        self.timed("create_chain_table", async move {
-            self.propose(command::Op::CreateChainTable(request.into_inner()))
-                .await?;
-            self.admin_reply().await
-        })
-        .await
+        self.metrics
+            .requests
+            .timed("create_chain_table", async move {
+                self.propose(command::Op::CreateChainTable(request.into_inner()))
+                    .await?;
+                self.admin_reply().await
+            })
+            .await
     }
 
     async fn bootstrap(
         &self,
         request: Request<BootstrapRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        self.timed("bootstrap", async move {
-            self.propose(command::Op::Bootstrap(request.into_inner()))
-                .await?;
-            self.admin_reply().await
-        })
-        .await
+        self.metrics
+            .requests
+            .timed("bootstrap", async move {
+                self.propose(command::Op::Bootstrap(request.into_inner()))
+                    .await?;
+                self.admin_reply().await
+            })
+            .await
     }
 
     async fn set_target_offline(
         &self,
         request: Request<SetTargetOfflineRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        self.timed("set_target_offline", async move {
-            self.propose(command::Op::SetTargetOffline(request.into_inner()))
-                .await?;
-            self.admin_reply().await
-        })
-        .await
+        self.metrics
+            .requests
+            .timed("set_target_offline", async move {
+                self.propose(command::Op::SetTargetOffline(request.into_inner()))
+                    .await?;
+                self.admin_reply().await
+            })
+            .await
     }
 
     async fn list_nodes(
         &self,
         _request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesReply>, Status> {
-        self.timed("list_nodes", async move {
-            if let Some(status) = self.not_leader() {
-                return Err(status);
-            }
-            let routing = self.routing().await.map_err(status)?;
-            let now = Instant::now();
-            let live = self.live();
-            let nodes = routing
-                .nodes
-                .iter()
-                .map(|node| {
-                    let seen = live.nodes.get(&node.id).map(|t| now.duration_since(*t));
-                    NodeStatus {
-                        node: Some(node.clone()),
-                        last_heartbeat_ms_ago: seen.map(|d| d.as_millis() as u64),
-                        alive: seen.is_some_and(|d| d <= self.lease),
-                    }
-                })
-                .collect();
-            let targets = live
-                .targets
-                .iter()
-                .map(|(id, state)| {
-                    let (capacity_bytes, free_bytes) =
-                        live.space.get(id).copied().unwrap_or_default();
-                    TargetStatus {
-                        target_id: *id,
-                        local_state: to_wire_local(*state),
-                        capacity_bytes,
-                        free_bytes,
-                    }
-                })
-                .collect();
-            Ok(Response::new(ListNodesReply { nodes, targets }))
-        })
-        .await
+        self.metrics
+            .requests
+            .timed("list_nodes", async move {
+                if let Some(status) = self.not_leader() {
+                    return Err(status);
+                }
+                let routing = self.routing().await.map_err(status)?;
+                let now = Instant::now();
+                let live = self.live();
+                let nodes = routing
+                    .nodes
+                    .iter()
+                    .map(|node| {
+                        let seen = live.nodes.get(&node.id).map(|t| now.duration_since(*t));
+                        NodeStatus {
+                            node: Some(node.clone()),
+                            last_heartbeat_ms_ago: seen.map(|d| d.as_millis() as u64),
+                            alive: seen.is_some_and(|d| d <= self.lease),
+                        }
+                    })
+                    .collect();
+                let targets = live
+                    .targets
+                    .iter()
+                    .map(|(id, state)| {
+                        let (capacity_bytes, free_bytes) =
+                            live.space.get(id).copied().unwrap_or_default();
+                        TargetStatus {
+                            target_id: *id,
+                            local_state: to_wire_local(*state),
+                            capacity_bytes,
+                            free_bytes,
+                        }
+                    })
+                    .collect();
+                Ok(Response::new(ListNodesReply { nodes, targets }))
+            })
+            .await
     }
 }

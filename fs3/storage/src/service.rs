@@ -667,13 +667,7 @@ impl Handler for StorageHandler {
             method::SYNC_DONE => ("sync_done", self.0.sync_done(&request)),
             other => return Err(bad(format!("unknown method {other}"))),
         };
-        let metrics = &self.0.metrics;
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        metrics.requests.with_label_values(&[op, outcome]).inc();
-        metrics
-            .seconds
-            .with_label_values(&[op])
-            .observe(started.elapsed().as_secs_f64());
+        self.0.metrics.requests.observe(op, started, result.is_ok());
         result
     }
 }

@@ -160,20 +160,7 @@ impl Drop for Communicator {
             FINISH_WAIT.min(inner.timeout)
         };
         self.runtime.block_on(async move {
-            let peers = (0..inner.world).filter(|p| *p != inner.rank);
-            let notices = peers.map(|peer| {
-                let call = Call {
-                    method: method::DONE,
-                    header: Bytes::copy_from_slice(&(inner.rank as u64).to_le_bytes()),
-                    payload: Bytes::new(),
-                };
-                let addr = inner.peers[peer].clone();
-                let net = &inner.net;
-                async move {
-                    let _ = tokio::time::timeout(wait, net.call(&addr, call)).await;
-                }
-            });
-            futures::future::join_all(notices).await;
+            inner.tell_peers(method::DONE, Bytes::new(), wait).await;
             inner.endpoint.wait_done(inner.world - 1, wait).await;
         });
     }
@@ -647,16 +634,23 @@ impl Inner {
             return;
         }
         let message = Bytes::from(format!("rank {}: {error}", self.rank));
+        self.tell_peers(method::ABORT, message, Duration::from_secs(2))
+            .await;
+    }
+
+    /// Sends `method` (with this rank's header and `payload`) to every peer at once, each call
+    /// bounded by `wait`; failures are ignored (the peer may be gone, which is what these
+    /// notices are about).
+    async fn tell_peers(&self, method: u16, payload: Bytes, wait: Duration) {
         let calls = (0..self.world).filter(|p| *p != self.rank).map(|peer| {
             let call = Call {
-                method: method::ABORT,
-                header: Bytes::copy_from_slice(&(self.rank as u64).to_le_bytes()),
-                payload: message.clone(),
+                method,
+                header: crate::wire::rank_header(self.rank),
+                payload: payload.clone(),
             };
             let addr = self.peers[peer].clone();
             async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), self.net.call(&addr, call)).await;
+                let _ = tokio::time::timeout(wait, self.net.call(&addr, call)).await;
             }
         });
         futures::future::join_all(calls).await;

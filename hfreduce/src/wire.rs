@@ -227,6 +227,24 @@ impl Endpoint {
     }
 }
 
+/// The header of a DONE or ABORT message: the sender's rank.
+pub fn rank_header(rank: usize) -> Bytes {
+    Bytes::copy_from_slice(&(rank as u64).to_le_bytes())
+}
+
+impl Endpoint {
+    /// The sender named by a [`rank_header`], if it is a rank of this world.
+    fn sender(&self, header: &[u8], what: &str) -> Result<usize, Fault> {
+        header
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .and_then(|p| usize::try_from(p).ok())
+            .filter(|p| *p < self.world)
+            .ok_or_else(|| bad(format!("malformed {what}")))
+    }
+}
+
 impl Handler for Endpoint {
     async fn handle(&self, request: Request) -> Result<Reply, Fault> {
         match request.method {
@@ -237,27 +255,14 @@ impl Handler for Endpoint {
                 Ok(Reply::default())
             }
             method::DONE => {
-                let peer = request
-                    .header
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_le_bytes)
-                    .and_then(|p| usize::try_from(p).ok())
-                    .filter(|p| *p < self.world)
-                    .ok_or_else(|| bad("malformed done"))?;
+                let peer = self.sender(&request.header, "done")?;
                 self.done.send_modify(|ranks| {
                     ranks.insert(peer);
                 });
                 Ok(Reply::default())
             }
             method::ABORT => {
-                let peer = request
-                    .header
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_le_bytes)
-                    .and_then(|p| usize::try_from(p).ok())
-                    .ok_or_else(|| bad("malformed abort"))?;
+                let peer = self.sender(&request.header, "abort")?;
                 self.abort(peer, String::from_utf8_lossy(&request.payload).into_owned());
                 Ok(Reply::default())
             }

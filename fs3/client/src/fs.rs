@@ -172,6 +172,13 @@ fn pieces(chunk_size: u64, offset: u64, len: u64) -> Vec<Piece> {
     out
 }
 
+/// Where chunk `index` of file `inode` lives: its chain (`chains[index % stripe]`) and id.
+/// `layout` must have chains.
+pub fn chunk_place(inode: u64, layout: &fs3_proto::meta::Layout, index: u64) -> (u64, ChunkId) {
+    let chain = layout.chains[(index % layout.chains.len() as u64) as usize];
+    (chain, ChunkId { inode, index })
+}
+
 fn layout_of(inode: &Inode) -> Result<&fs3_proto::meta::Layout, FsError> {
     inode
         .layout
@@ -673,11 +680,7 @@ impl Fs3 {
         let jobs = pieces(layout.chunk_size, offset, len)
             .into_iter()
             .map(|piece| {
-                let chain = layout.chains[(piece.index % layout.chains.len() as u64) as usize];
-                let id = ChunkId {
-                    inode: inode.id,
-                    index: piece.index,
-                };
+                let (chain, id) = chunk_place(inode.id, layout, piece.index);
                 let chunks = self.chunks.clone();
                 async move {
                     let read = chunks
@@ -721,11 +724,7 @@ impl Fs3 {
             .ok_or_else(|| FsError::new(libc::EFBIG, "write past the largest file size"))?;
         let chunk_size = layout.chunk_size;
         let jobs = pieces(chunk_size, offset, len).into_iter().map(|piece| {
-            let chain = layout.chains[(piece.index % layout.chains.len() as u64) as usize];
-            let id = ChunkId {
-                inode: inode.id,
-                index: piece.index,
-            };
+            let (chain, id) = chunk_place(inode.id, layout, piece.index);
             let bytes = data.slice(piece.at..piece.at + piece.len as usize);
             let update = if piece.offset == 0 && piece.len == chunk_size {
                 ChunkUpdate::replace(bytes)

@@ -646,23 +646,15 @@ impl Filesystem for Fs3Fuse {
             reply.error(Errno::EPERM);
             return;
         }
-        let inner = self.inner.clone();
-        let creds = credentials(req);
-        let name = name.as_bytes().to_vec();
-        self.spawn(async move {
-            let result = inner
-                .fs
-                .create(
-                    &creds,
-                    parent.0,
-                    &name,
-                    InodeKind::File,
-                    mode & !umask & 0o7777,
-                    b"",
-                )
-                .await;
-            inner.entry_reply(reply, result);
-        });
+        self.create_entry(
+            req,
+            parent,
+            name,
+            InodeKind::File,
+            mode & !umask & 0o7777,
+            b"",
+            reply,
+        );
     }
 
     fn mkdir(
@@ -674,23 +666,15 @@ impl Filesystem for Fs3Fuse {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let inner = self.inner.clone();
-        let creds = credentials(req);
-        let name = name.as_bytes().to_vec();
-        self.spawn(async move {
-            let result = inner
-                .fs
-                .create(
-                    &creds,
-                    parent.0,
-                    &name,
-                    InodeKind::Directory,
-                    mode & !umask & 0o7777,
-                    b"",
-                )
-                .await;
-            inner.entry_reply(reply, result);
-        });
+        self.create_entry(
+            req,
+            parent,
+            name,
+            InodeKind::Directory,
+            mode & !umask & 0o7777,
+            b"",
+            reply,
+        );
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -709,17 +693,16 @@ impl Filesystem for Fs3Fuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let inner = self.inner.clone();
-        let creds = credentials(req);
-        let name = link_name.as_bytes().to_vec();
-        let target = target.as_os_str().as_bytes().to_vec();
-        self.spawn(async move {
-            let result = inner
-                .fs
-                .create(&creds, parent.0, &name, InodeKind::Symlink, 0o777, &target)
-                .await;
-            inner.entry_reply(reply, result);
-        });
+        let target = target.as_os_str().as_bytes();
+        self.create_entry(
+            req,
+            parent,
+            link_name,
+            InodeKind::Symlink,
+            0o777,
+            target,
+            reply,
+        );
     }
 
     fn rename(
@@ -1091,6 +1074,31 @@ impl Filesystem for Fs3Fuse {
 }
 
 impl Fs3Fuse {
+    /// mknod (regular files), mkdir and symlink: create the entry, reply with it.
+    #[allow(clippy::too_many_arguments)]
+    fn create_entry(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: InodeKind,
+        mode: u32,
+        symlink_target: &[u8],
+        reply: ReplyEntry,
+    ) {
+        let inner = self.inner.clone();
+        let creds = credentials(req);
+        let name = name.as_bytes().to_vec();
+        let target = symlink_target.to_vec();
+        self.spawn(async move {
+            let result = inner
+                .fs
+                .create(&creds, parent.0, &name, kind, mode, &target)
+                .await;
+            inner.entry_reply(reply, result);
+        });
+    }
+
     fn remove(
         &self,
         req: &Request,

@@ -14,7 +14,6 @@ use fs3_proto::meta::{
 };
 use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
 use fs3_proto::mgmtd::{HeartbeatRequest, NodeKind};
-use fs3_proto::storage::ChunkId;
 
 use crate::service::{MetaApi, now_ns};
 
@@ -217,11 +216,7 @@ async fn close_from_storage(api: &MetaApi, session: &Session) -> Result<(), Stri
     let mut length = inode.length;
     let first = inode.length / layout.chunk_size;
     for index in first..first + MAX_LENGTH_PROBES {
-        let chain = layout.chains[(index % layout.chains.len() as u64) as usize];
-        let id = ChunkId {
-            inode: inode.id,
-            index,
-        };
+        let (chain, id) = fs3_client::fs::chunk_place(inode.id, layout, index);
         match api.chunks.read(chain, id, 0, 0).await {
             Ok(chunk) => {
                 let end = index

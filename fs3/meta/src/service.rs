@@ -21,7 +21,6 @@ use fs3_proto::meta::{
 };
 use fs3_proto::mgmtd::ListNodesRequest;
 use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
-use fs3_proto::storage::ChunkId;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
@@ -214,7 +213,7 @@ impl MetaApi {
         let first = length / chunk_size;
         let end = upto.min(fs3_client::MAX_FILE_SIZE).div_ceil(chunk_size);
         let jobs = (first..end).map(|index| {
-            let chain = layout.chains[(index % layout.chains.len() as u64) as usize];
+            let (chain, id) = fs3_client::fs::chunk_place(inode.id, layout, index);
             let within = length.saturating_sub(index * chunk_size);
             let update = if within == 0 {
                 ChunkUpdate::remove()
@@ -222,10 +221,6 @@ impl MetaApi {
                 ChunkUpdate::truncate(u32::try_from(within).unwrap_or(u32::MAX))
             };
             let chunks = self.chunks.clone();
-            let id = ChunkId {
-                inode: inode.id,
-                index,
-            };
             async move {
                 match chunks.write(chain, id, update).await {
                     Ok(_) | Err(ClientError::NotFound(_)) => Ok(()),

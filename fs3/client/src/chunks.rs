@@ -16,7 +16,7 @@ use prost::Message as _;
 use tokio::time::Instant;
 
 use crate::ClientError;
-use crate::routing::{RoutingCache, readable, write_path};
+use crate::routing::{Routing, RoutingCache, readable, write_path};
 
 /// A change to a chunk.
 #[derive(Debug, Clone)]
@@ -141,9 +141,32 @@ impl ChunkClient {
         &self.routing
     }
 
-    async fn backoff(attempt: u32) {
-        let millis = (20u64 << attempt.min(5)).min(500);
+    /// The routing, refreshed first if it does not know chain `chain_id`.
+    async fn routing_with(&self, chain_id: u64) -> Result<Arc<Routing>, ClientError> {
+        let routing = self.routing.current();
+        if routing.chain(chain_id).is_some() {
+            return Ok(routing);
+        }
+        self.routing.refresh_after(routing.version()).await
+    }
+
+    /// After a round in which no replica served: fails with `last` past the deadline, else
+    /// refreshes the routing seen and backs off (bounded, growing) before the next round.
+    async fn next_round(
+        &self,
+        seen: &Routing,
+        deadline: Instant,
+        attempt: &mut u32,
+        last: &str,
+    ) -> Result<(), ClientError> {
+        if Instant::now() >= deadline {
+            return Err(ClientError::Unavailable(last.to_string()));
+        }
+        let _ = self.routing.refresh_after(seen.version()).await;
+        let millis = (20u64 << (*attempt).min(5)).min(500);
         tokio::time::sleep(Duration::from_millis(millis)).await;
+        *attempt += 1;
+        Ok(())
     }
 
     /// Applies `update` to `chunk` on chain `chain_id`; returns once every replica committed.
@@ -157,10 +180,7 @@ impl ChunkClient {
         let deadline = Instant::now() + self.deadline;
         let mut attempt = 0;
         loop {
-            let mut routing = self.routing.current();
-            if routing.chain(chain_id).is_none() {
-                routing = self.routing.refresh_after(routing.version()).await?;
-            }
+            let routing = self.routing_with(chain_id).await?;
             let chain = routing.chain(chain_id).ok_or_else(|| {
                 ClientError::BadRequest(format!("chain {chain_id} does not exist"))
             })?;
@@ -201,12 +221,8 @@ impl ChunkClient {
                 }
                 None => format!("chain {chain_id} has no writable target"),
             };
-            if Instant::now() >= deadline {
-                return Err(ClientError::Unavailable(last));
-            }
-            let _ = self.routing.refresh_after(routing.version()).await;
-            Self::backoff(attempt).await;
-            attempt += 1;
+            self.next_round(&routing, deadline, &mut attempt, &last)
+                .await?;
         }
     }
 
@@ -222,10 +238,7 @@ impl ChunkClient {
         let mut attempt = 0;
         let mut last = String::from("no attempt made");
         loop {
-            let mut routing = self.routing.current();
-            if routing.chain(chain_id).is_none() {
-                routing = self.routing.refresh_after(routing.version()).await?;
-            }
+            let routing = self.routing_with(chain_id).await?;
             let chain = routing.chain(chain_id).ok_or_else(|| {
                 ClientError::BadRequest(format!("chain {chain_id} does not exist"))
             })?;
@@ -253,12 +266,8 @@ impl ChunkClient {
                     }
                 }
             }
-            if Instant::now() >= deadline {
-                return Err(ClientError::Unavailable(last));
-            }
-            let _ = self.routing.refresh_after(routing.version()).await;
-            Self::backoff(attempt).await;
-            attempt += 1;
+            self.next_round(&routing, deadline, &mut attempt, &last)
+                .await?;
         }
     }
 

@@ -198,6 +198,7 @@ pub fn mount(
             dirs: Mutex::new(HashMap::new()),
             sizes: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            groups: GroupsCache::default(),
             write_budget: Arc::new(Semaphore::new(budget_units(options.write_behind))),
             write_budget_units: u32::try_from(budget_units(options.write_behind))
                 .unwrap_or(u32::MAX),
@@ -281,6 +282,7 @@ struct Inner {
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     sizes: Mutex<HashMap<u64, LocalSize>>,
     next_handle: AtomicU64,
+    groups: GroupsCache,
     write_budget: Arc<Semaphore>,
     write_budget_units: u32,
 }
@@ -300,25 +302,53 @@ fn errno(error: &FsError) -> Errno {
     Errno::from_i32(error.errno)
 }
 
-/// The caller's credentials, supplementary groups included (from `/proc/PID/status`).
-fn credentials(req: &Request) -> Credentials {
-    let groups = std::fs::read_to_string(format!("/proc/{}/status", req.pid()))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| {
-                    g.split_whitespace()
-                        .filter_map(|n| n.parse().ok())
-                        .collect()
-                })
-        })
-        .unwrap_or_default();
-    Credentials {
-        uid: req.uid(),
-        gid: req.gid(),
-        groups,
+/// How long a caller's supplementary groups are reused before `/proc` is read again.
+const GROUPS_TTL: Duration = Duration::from_secs(1);
+/// Most callers whose groups are remembered.
+const GROUPS_CACHE: usize = 1024;
+
+/// Supplementary groups by process, read from `/proc/PID/status` at most once per
+/// [`GROUPS_TTL`] (a read on every request cost a few per cent of the daemon's CPU).
+#[derive(Default)]
+struct GroupsCache {
+    by_pid: Mutex<HashMap<u32, (std::time::Instant, Vec<u32>)>>,
+}
+
+impl GroupsCache {
+    fn groups(&self, pid: u32) -> Vec<u32> {
+        if let Some((at, groups)) = lock(&self.by_pid).get(&pid)
+            && at.elapsed() < GROUPS_TTL
+        {
+            return groups.clone();
+        }
+        let groups: Vec<u32> = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Groups:"))
+                    .map(|g| {
+                        g.split_whitespace()
+                            .filter_map(|n| n.parse().ok())
+                            .collect()
+                    })
+            })
+            .unwrap_or_default();
+        let mut by_pid = lock(&self.by_pid);
+        if by_pid.len() >= GROUPS_CACHE {
+            by_pid.clear();
+        }
+        by_pid.insert(pid, (std::time::Instant::now(), groups.clone()));
+        groups
+    }
+
+    /// The caller's credentials, supplementary groups included.
+    fn credentials(&self, req: &Request) -> Credentials {
+        Credentials {
+            uid: req.uid(),
+            gid: req.gid(),
+            groups: self.groups(req.pid()),
+        }
     }
 }
 
@@ -524,7 +554,7 @@ impl Filesystem for Fs3Fuse {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         let name = name.as_bytes().to_vec();
         self.spawn(async move {
             let result = inner.fs.lookup(&creds, parent.0, &name).await;
@@ -534,7 +564,7 @@ impl Filesystem for Fs3Fuse {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         self.spawn(async move {
             match inner.fs.getattr(&creds, ino.0).await {
                 Ok(inode) => reply.attr(&inner.options.cache_timeout, &inner.attr(&inode)),
@@ -562,7 +592,7 @@ impl Filesystem for Fs3Fuse {
         reply: ReplyAttr,
     ) {
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         let by_handle = fh
             .and_then(|fh| inner.handle(fh).ok())
             .filter(|f| f.writable && size.is_some());
@@ -619,7 +649,7 @@ impl Filesystem for Fs3Fuse {
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         self.spawn(async move {
             match inner.fs.getattr(&creds, ino.0).await {
                 Ok(inode) if inode.kind == InodeKind::Symlink as i32 => {
@@ -720,7 +750,7 @@ impl Filesystem for Fs3Fuse {
             return;
         }
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         let name = name.as_bytes().to_vec();
         let newname = newname.as_bytes().to_vec();
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
@@ -745,7 +775,7 @@ impl Filesystem for Fs3Fuse {
         reply: ReplyEntry,
     ) {
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         let newname = newname.as_bytes().to_vec();
         self.spawn(async move {
             let result = inner.fs.link(&creds, ino.0, newparent.0, &newname).await;
@@ -755,7 +785,7 @@ impl Filesystem for Fs3Fuse {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         // The kernel has checked the permission (default_permissions) and applies O_TRUNC
         // itself with a setattr; a writer's session waits for its first write.
         let writable = Inner::is_writable(flags);
@@ -781,7 +811,7 @@ impl Filesystem for Fs3Fuse {
         reply: ReplyCreate,
     ) {
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         let name = name.as_bytes().to_vec();
         let exclusive = flags & libc::O_EXCL != 0;
         let truncate = flags & libc::O_TRUNC != 0;
@@ -921,7 +951,7 @@ impl Filesystem for Fs3Fuse {
             Ok(file) => file,
             Err(error) => return reply.error(error),
         };
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         self.spawn(async move {
             match inner.report(&creds, &file, true).await {
                 Ok(()) => reply.ok(),
@@ -959,7 +989,7 @@ impl Filesystem for Fs3Fuse {
         // close(2) does not wait for release, and flush already made the length visible: the
         // session ends in the background (its errors can only be logged, as the kernel's are).
         reply.ok();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         self.spawn(async move {
             if let Err(error) = inner.report(&creds, &file, false).await {
                 tracing::warn!(inode = ino.0, %error, "reporting at close failed");
@@ -985,7 +1015,7 @@ impl Filesystem for Fs3Fuse {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         self.spawn(async move {
             let listing = async {
                 let dir = inner.fs.getattr(&creds, ino.0).await?;
@@ -1087,7 +1117,7 @@ impl Fs3Fuse {
         reply: ReplyEntry,
     ) {
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         let name = name.as_bytes().to_vec();
         let target = symlink_target.to_vec();
         self.spawn(async move {
@@ -1108,7 +1138,7 @@ impl Fs3Fuse {
         reply: ReplyEmpty,
     ) {
         let inner = self.inner.clone();
-        let creds = credentials(req);
+        let creds = self.inner.groups.credentials(req);
         let name = name.as_bytes().to_vec();
         self.spawn(async move {
             if !directory {

@@ -11,7 +11,11 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use fs3_client::{Fs3, Fs3Options, FsError, ROOT};
 use fs3_proto::meta::{Credentials, Inode, InodeKind, Layout};
+use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::json;
+
+/// Attribute reads `ls -l` keeps in flight.
+const LIST_PARALLELISM: usize = 32;
 
 /// How the file commands reach the cluster.
 #[derive(clap::Args, Debug, Clone)]
@@ -215,27 +219,31 @@ pub async fn run(command: FileCmd, connect: &Connect) -> anyhow::Result<()> {
             let path = fs3_path(&path)?;
             let inode = fs.resolve(&me, path).await.map_err(with_path(path))?;
             let entries: Vec<(String, Inode)> = if inode.kind == InodeKind::Directory as i32 {
-                let mut out = Vec::new();
-                for entry in fs
+                let listing = fs
                     .readdir_all(&me, inode.id)
                     .await
+                    .map_err(with_path(path))?;
+                // Attributes of many entries are fetched concurrently, in listing order.
+                let fs = &fs;
+                let me = &me;
+                futures::stream::iter(listing)
+                    .map(|entry| async move {
+                        let name = String::from_utf8_lossy(&entry.name).to_string();
+                        let attrs = if long || json {
+                            fs.getattr(me, entry.inode).await?
+                        } else {
+                            Inode {
+                                id: entry.inode,
+                                kind: entry.kind,
+                                ..Inode::default()
+                            }
+                        };
+                        Ok::<_, FsError>((name, attrs))
+                    })
+                    .buffered(LIST_PARALLELISM)
+                    .try_collect()
+                    .await
                     .map_err(with_path(path))?
-                {
-                    let name = String::from_utf8_lossy(&entry.name).to_string();
-                    let attrs = if long || json {
-                        fs.getattr(&me, entry.inode)
-                            .await
-                            .map_err(with_path(path))?
-                    } else {
-                        Inode {
-                            id: entry.inode,
-                            kind: entry.kind,
-                            ..Inode::default()
-                        }
-                    };
-                    out.push((name, attrs));
-                }
-                out
             } else {
                 vec![(split(path)?.1.to_string(), inode)]
             };

@@ -647,14 +647,7 @@ impl ChunkEngine {
                 meta.pending.iter().collect(),
             )
         };
-        if let Err(error) = self.record(id, &new_meta, Some(&written), &replaced).await {
-            self.release(&written).await;
-            return Err(error);
-        }
-        for old in replaced {
-            self.release(old).await;
-        }
-        Ok(written)
+        self.point_to(id, &new_meta, written, &replaced).await
     }
 
     /// Makes `content` the committed `version` directly, dropping any pending version (recovery
@@ -677,14 +670,27 @@ impl ChunkEngine {
             pending: None,
         };
         let freed: Vec<&ChunkVersion> = meta.committed.iter().chain(meta.pending.iter()).collect();
-        if let Err(error) = self.record(id, &new_meta, Some(&installed), &freed).await {
-            self.release(&installed).await;
+        self.point_to(id, &new_meta, installed, &freed).await
+    }
+
+    /// Records `new_meta` (which points at the freshly written `version`) and frees the slots of
+    /// the `replaced` versions; if the record fails, `version`'s slot is freed instead and the
+    /// chunk stays as it was.
+    async fn point_to(
+        &self,
+        id: ChunkId,
+        new_meta: &ChunkMeta,
+        version: ChunkVersion,
+        replaced: &[&ChunkVersion],
+    ) -> Result<ChunkVersion, EngineError> {
+        if let Err(error) = self.record(id, new_meta, Some(&version), replaced).await {
+            self.release(&version).await;
             return Err(error);
         }
-        for old in freed {
+        for old in replaced {
             self.release(old).await;
         }
-        Ok(installed)
+        Ok(version)
     }
 
     /// The whole content of the pending `version` of chunk `id`.

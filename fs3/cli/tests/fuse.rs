@@ -96,10 +96,23 @@ impl Drop for Mounted {
     }
 }
 
-async fn cluster_with_meta(dir: &Path) -> Fs3Cluster {
-    let mut spec = common::spec(dir, 1, 3);
+/// A cluster with meta in a fresh directory, mounted at `DIR/mnt` (log `DIR/mount.log`); None
+/// (with a printed reason) where FUSE cannot run outside CI.
+async fn mounted_cluster() -> Option<(tempfile::TempDir, Fs3Cluster, Mounted)> {
+    if !fuse_available() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = common::spec(dir.path(), 1, 3);
     spec.meta_replicas = 1;
-    common::start(spec).await
+    let cluster = common::start(spec).await;
+    let mount = Mounted::start(
+        &cluster,
+        &dir.path().join("mnt"),
+        &dir.path().join("mount.log"),
+    )
+    .await;
+    Some((dir, cluster, mount))
 }
 
 // ---- the differential test -------------------------------------------------------------
@@ -306,17 +319,9 @@ fn snapshot(root: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posix_semantics_match_a_local_directory() {
-    if !fuse_available() {
+    let Some((_dir, mut cluster, mount)) = mounted_cluster().await else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = cluster_with_meta(dir.path()).await;
-    let mount = Mounted::start(
-        &cluster,
-        &dir.path().join("mnt"),
-        &dir.path().join("mount.log"),
-    )
-    .await;
+    };
     // The comparison directory is on the machine's ext4 root file system.
     let local_dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let local = local_dir.path().to_path_buf();
@@ -537,17 +542,9 @@ fn make_tree(root: &Path, dirs: usize, files: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_files_trees_and_concurrency() {
-    if !fuse_available() {
+    let Some((dir, mut cluster, mount)) = mounted_cluster().await else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = cluster_with_meta(dir.path()).await;
-    let mount = Mounted::start(
-        &cluster,
-        &dir.path().join("mnt"),
-        &dir.path().join("mount.log"),
-    )
-    .await;
+    };
     let mnt = mount.point.clone();
 
     // 256 MiB of random bytes: dd in, cp out, cmp and sha256 through the mount.
@@ -631,13 +628,10 @@ async fn large_files_trees_and_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_and_fuse_daemons_die_under_the_mount() {
-    if !fuse_available() {
+    let Some((dir, mut cluster, mount)) = mounted_cluster().await else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = cluster_with_meta(dir.path()).await;
+    };
     let log = dir.path().join("mount.log");
-    let mount = Mounted::start(&cluster, &dir.path().join("mnt"), &log).await;
     let mnt = mount.point.clone();
 
     // A file to read while a storage daemon dies, and a write stream at the same time.

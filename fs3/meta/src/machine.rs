@@ -7,8 +7,8 @@ use ff_raft::records::{read_record, write_record};
 use ff_raft::redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use ff_raft::{ApplyContext, StateMachine, StateMachineError};
 use fs3_proto::meta::{
-    Command, CommandResult, Credentials, Inode, Query, QueryResult, Session, User, UserRecord,
-    command, query,
+    Command, CommandResult, Credentials, Query, QueryResult, Session, User, UserRecord, command,
+    query,
 };
 use prost::Message as _;
 
@@ -97,11 +97,7 @@ fn users(table: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<Vec
     let mut users = Vec::new();
     for item in table.range::<&[u8]>(keys::USER_PREFIX..end.as_slice())? {
         let (_, value) = item?;
-        let record = UserRecord::decode(value.value()).map_err(|e| {
-            OpError::Storage(StateMachineError::Corrupt(format!(
-                "user record does not decode: {e}"
-            )))
-        })?;
+        let record: UserRecord = namespace::decode(value.value(), || "user record".to_string())?;
         users.extend(record.user);
     }
     Ok(users)
@@ -127,11 +123,8 @@ fn run_query(
             if q.token_sha256.is_empty() {
                 result.users = users(table)?;
             } else if let Some(bytes) = table.get(keys::user(&q.token_sha256).as_slice())? {
-                let record = UserRecord::decode(bytes.value()).map_err(|e| {
-                    OpError::Storage(StateMachineError::Corrupt(format!(
-                        "user record does not decode: {e}"
-                    )))
-                })?;
+                let record: UserRecord =
+                    namespace::decode(bytes.value(), || "user record".to_string())?;
                 result.users.extend(record.user);
             }
         }
@@ -149,11 +142,7 @@ fn run_query(
                     continue;
                 };
                 let inode = if q.purged {
-                    Inode::decode(value.value()).map_err(|e| {
-                        OpError::Storage(StateMachineError::Corrupt(format!(
-                            "purged record {id} does not decode: {e}"
-                        )))
-                    })?
+                    namespace::decode(value.value(), || format!("purged record {id}"))?
                 } else {
                     let due = <[u8; 8]>::try_from(value.value())
                         .map(i64::from_be_bytes)

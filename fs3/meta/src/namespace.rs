@@ -80,17 +80,32 @@ fn corrupt(what: String) -> OpError {
     OpError::Storage(StateMachineError::Corrupt(what))
 }
 
+/// A stored record of type `M`; a record that does not decode is corruption (`what` names it).
+pub fn decode<M: prost::Message + Default>(
+    bytes: &[u8],
+    what: impl FnOnce() -> String,
+) -> Result<M, OpError> {
+    M::decode(bytes).map_err(|e| corrupt(format!("{} does not decode: {e}", what())))
+}
+
+/// The record at `key`, decoded, if there is one.
+fn get_record<M: prost::Message + Default>(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    key: &[u8],
+    what: impl FnOnce() -> String,
+) -> Result<Option<M>, OpError> {
+    match table.get(key)? {
+        Some(bytes) => decode(bytes.value(), what).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// The inode `id`, if it exists.
 pub fn get_inode(
     table: &impl ReadableTable<&'static [u8], &'static [u8]>,
     id: u64,
 ) -> Result<Option<Inode>, OpError> {
-    match table.get(keys::inode(id).as_slice())? {
-        Some(bytes) => Inode::decode(bytes.value())
-            .map(Some)
-            .map_err(|e| corrupt(format!("inode {id} does not decode: {e}"))),
-        None => Ok(None),
-    }
+    get_record(table, &keys::inode(id), || format!("inode {id}"))
 }
 
 /// The inode `id`, or ENOENT.
@@ -107,12 +122,9 @@ pub fn get_entry(
     parent: u64,
     name: &[u8],
 ) -> Result<Option<DirEntry>, OpError> {
-    match table.get(keys::dentry(parent, name).as_slice())? {
-        Some(bytes) => DirEntry::decode(bytes.value())
-            .map(Some)
-            .map_err(|e| corrupt(format!("entry in directory {parent} does not decode: {e}"))),
-        None => Ok(None),
-    }
+    get_record(table, &keys::dentry(parent, name), || {
+        format!("entry in directory {parent}")
+    })
 }
 
 /// A counter's value (0 if never set).
@@ -266,10 +278,9 @@ pub fn read_dir(
             more = true;
             break;
         }
-        entries.push(
-            DirEntry::decode(value.value())
-                .map_err(|e| corrupt(format!("entry in directory {id} does not decode: {e}")))?,
-        );
+        entries.push(decode(value.value(), || {
+            format!("entry in directory {id}")
+        })?);
     }
     Ok((entries, more))
 }
@@ -287,12 +298,13 @@ pub fn chain_table(
     table: &impl ReadableTable<&'static [u8], &'static [u8]>,
     id: u64,
 ) -> Result<Vec<u64>, OpError> {
-    match table.get(keys::chain_table(id).as_slice())? {
-        Some(bytes) => SetChainTableOp::decode(bytes.value())
-            .map(|t| t.chains)
-            .map_err(|e| corrupt(format!("chain table {id} does not decode: {e}"))),
-        None => Ok(Vec::new()),
-    }
+    Ok(
+        get_record::<SetChainTableOp>(table, &keys::chain_table(id), || {
+            format!("chain table {id}")
+        })?
+        .map(|t| t.chains)
+        .unwrap_or_default(),
+    )
 }
 
 /// A new file's layout from its directory's: `stripe` consecutive chains of the table from a

@@ -235,8 +235,9 @@ impl Fs3 {
             max_inflight_bytes: options.max_inflight_bytes.max(1),
             keep_alive,
         };
-        // Fail now, with a clear message, if the token is refused.
-        fs.statfs().await?;
+        // Fail now, with a clear message, if the token is refused (a read of the root: statfs
+        // would also ask mgmtd about every target).
+        fs.getattr(&Credentials::default(), crate::ROOT).await?;
         Ok(fs)
     }
 

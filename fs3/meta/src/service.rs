@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 use crate::machine::MetaMachine;
 use crate::metrics::MetaMetrics;
 
-/// How long a token's user is cached before it is looked up again.
+/// How long a token's identity is cached before it is looked up again.
 const USER_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Most tokens cached at once.
 const USER_CACHE_CAPACITY: usize = 4096;
@@ -45,8 +45,8 @@ pub fn new_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Token hash -> (when looked up, the user if any).
-type UserCache = HashMap<Vec<u8>, (Instant, Option<User>)>;
+/// Token -> (when looked up, who it stands for if anyone).
+type IdentityCache = HashMap<String, (Instant, Option<Identity>)>;
 
 /// Who a request comes from.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ pub struct MetaApi {
     pub(crate) node: RaftNode<MetaMachine>,
     auth: bool,
     admin_hash: Arc<Vec<u8>>,
-    users: Arc<Mutex<UserCache>>,
+    identities: Arc<Mutex<IdentityCache>>,
     pub(crate) live: Arc<Mutex<Liveness>>,
     pub(crate) chunks: Arc<ChunkClient>,
     metrics: MetaMetrics,
@@ -102,7 +102,7 @@ impl MetaApi {
             node,
             auth,
             admin_hash: Arc::new(token_hash(admin_token)),
-            users: Arc::new(Mutex::new(HashMap::new())),
+            identities: Arc::new(Mutex::new(HashMap::new())),
             live: Arc::new(Mutex::new(Liveness::default())),
             chunks,
             metrics,
@@ -127,48 +127,57 @@ impl MetaApi {
                 "no token; pass --token, FS3_TOKEN or FS3_TOKEN_FILE (fs3 admin user add prints one)",
             ));
         };
-        let hash = token_hash(token);
-        if hash == *self.admin_hash {
-            return Ok(Identity::Admin);
-        }
+        // Known tokens skip the hash and the lookup: this runs on every request.
         let cached = {
-            let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-            users
-                .get(&hash)
+            let identities = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+            identities
+                .get(token)
                 .filter(|(at, _)| at.elapsed() < USER_CACHE_TTL)
-                .map(|(_, user)| user.clone())
+                .map(|(_, identity)| identity.clone())
         };
-        let user = match cached {
-            Some(user) => user,
+        let identity = match cached {
+            Some(identity) => identity,
             None => {
-                let result = self
-                    .node
-                    .read_with(
-                        Query {
-                            creds: None,
-                            op: Some(query::Op::User(UserQuery {
-                                token_sha256: hash.clone(),
-                            })),
-                        },
-                        Consistency::Local,
-                    )
-                    .await
-                    .map_err(status)?;
-                let user = result.users.into_iter().next();
-                let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-                if users.len() >= USER_CACHE_CAPACITY {
-                    users.clear();
+                let identity = self.look_up(token).await?;
+                let mut identities = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+                if identities.len() >= USER_CACHE_CAPACITY {
+                    identities.clear();
                 }
-                users.insert(hash, (Instant::now(), user.clone()));
-                user
+                identities.insert(token.to_string(), (Instant::now(), identity.clone()));
+                identity
             }
         };
-        match user {
-            Some(user) if user.trusted => Ok(Identity::Trusted),
-            Some(user) => Ok(Identity::User(user)),
+        match identity {
+            Some(identity) => Ok(identity),
             None if !self.auth => Ok(Identity::Trusted),
             None => Err(Status::unauthenticated("unknown token")),
         }
+    }
+
+    /// Who `token` stands for (None: nobody), from the admin token and the users table.
+    async fn look_up(&self, token: &str) -> Result<Option<Identity>, Status> {
+        let hash = token_hash(token);
+        if hash == *self.admin_hash {
+            return Ok(Some(Identity::Admin));
+        }
+        let result = self
+            .node
+            .read_with(
+                Query {
+                    creds: None,
+                    op: Some(query::Op::User(UserQuery { token_sha256: hash })),
+                },
+                Consistency::Local,
+            )
+            .await
+            .map_err(status)?;
+        Ok(result.users.into_iter().next().map(|user| {
+            if user.trusted {
+                Identity::Trusted
+            } else {
+                Identity::User(user)
+            }
+        }))
     }
 
     /// The credentials a request acts with.

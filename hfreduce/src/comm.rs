@@ -140,29 +140,30 @@ pub(crate) struct Inner {
 pub struct Communicator {
     config: CommConfig,
     inner: Arc<Inner>,
-    jobs: tokio::sync::mpsc::Sender<Job>,
+    /// Calls, in order, to the runner thread (None once closing).
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    /// Runs the calls one after another on the runtime, then the closing handshake.
+    runner: Option<std::thread::JoinHandle<()>>,
     _server: ff_net::Server,
-    runtime: tokio::runtime::Runtime,
+    /// The communicator's threads (taken when dropping).
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 /// How long a closing communicator waits for its peers to finish sending to it.
 const FINISH_WAIT: Duration = Duration::from_secs(5);
 
 impl Drop for Communicator {
-    /// Closing: every rank tells every peer it will send nothing more, and keeps serving until
-    /// all peers have said the same (bounded), so that no rank exits while a peer's last
-    /// message to it still waits for its acknowledgement.
+    /// Closing: the runner finishes the queued calls, then the closing handshake
+    /// ([`Inner::finish`]) runs on it; this waits for that.
     fn drop(&mut self) {
-        let inner = self.inner.clone();
-        let wait = if inner.failure().is_some() {
-            Duration::from_millis(200)
-        } else {
-            FINISH_WAIT.min(inner.timeout)
-        };
-        self.runtime.block_on(async move {
-            inner.tell_peers(method::DONE, Bytes::new(), wait).await;
-            inner.endpoint.wait_done(inner.world - 1, wait).await;
-        });
+        drop(self.jobs.take());
+        if let Some(runner) = self.runner.take() {
+            let _ = runner.join();
+        }
+        // Without blocking: dropping a runtime blocks, which panics inside a caller's runtime.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -233,22 +234,36 @@ impl Communicator {
             .enable_all()
             .build()
             .map_err(|e| CommError::Config(format!("cannot start threads: {e}")))?;
-        let (inner, server) = runtime.block_on(rendezvous(&config))?;
-        let (jobs, mut queue) = tokio::sync::mpsc::channel::<Job>(QUEUE_CAPACITY);
-        let runner = inner.clone();
-        runtime.spawn(async move {
-            let mut seq: u64 = 0;
-            while let Some(job) = queue.recv().await {
-                seq += 1;
-                job(runner.clone(), seq).await;
-            }
-        });
+        // Everything that waits on the runtime runs on threads of the communicator's own, never
+        // on the caller's: a caller inside an async runtime must not block on another one.
+        let handle = runtime.handle().clone();
+        let (inner, server) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| handle.block_on(rendezvous(&config)))
+                .join()
+                .unwrap_or_else(|_| Err(CommError::Config("rendezvous panicked".to_string())))
+        })?;
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(QUEUE_CAPACITY);
+        let runner_inner = inner.clone();
+        let runner = std::thread::Builder::new()
+            .name(format!("hfreduce-{}-calls", config.rank))
+            .spawn(move || {
+                let mut seq: u64 = 0;
+                while let Ok(job) = queue.recv() {
+                    seq += 1;
+                    handle.block_on(job(runner_inner.clone(), seq));
+                }
+                // The queue closed: the communicator is being dropped.
+                handle.block_on(runner_inner.finish());
+            })
+            .map_err(|e| CommError::Config(format!("cannot start threads: {e}")))?;
         Ok(Communicator {
             config,
             inner,
-            jobs,
+            jobs: Some(jobs),
+            runner: Some(runner),
             _server: server,
-            runtime,
+            runtime: Some(runtime),
         })
     }
 
@@ -294,9 +309,12 @@ impl Communicator {
                 finished.store(true, Ordering::Release);
             })
         });
-        let jobs = self.jobs.clone();
         // The queue is bounded: a caller far ahead of the network waits here.
-        if self.runtime.block_on(jobs.send(job)).is_err() {
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let _ = tx.send(Err(CommError::Closed));
             return Handle {
@@ -636,6 +654,19 @@ impl Inner {
         let message = Bytes::from(format!("rank {}: {error}", self.rank));
         self.tell_peers(method::ABORT, message, Duration::from_secs(2))
             .await;
+    }
+
+    /// Every rank tells every peer it will send nothing more, and keeps serving until all peers
+    /// have said the same (bounded), so that no rank exits while a peer's last message to it
+    /// still waits for its acknowledgement.
+    async fn finish(&self) {
+        let wait = if self.failure().is_some() {
+            Duration::from_millis(200)
+        } else {
+            FINISH_WAIT.min(self.timeout)
+        };
+        self.tell_peers(method::DONE, Bytes::new(), wait).await;
+        self.endpoint.wait_done(self.world - 1, wait).await;
     }
 
     /// Sends `method` (with this rank's header and `payload`) to every peer at once, each call

@@ -289,6 +289,22 @@ fn rank_entry() {
     let Ok(scenario) = std::env::var("HFREDUCE_SCENARIO") else {
         return; // Run by the parent tests below as a child process.
     };
+    if scenario == "inside_runtime" {
+        // An async program: create, use and drop the communicator inside its own runtime.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let comm = Communicator::from_env().unwrap();
+            let mut data = vec![comm.rank() as f32; 1000];
+            comm.allreduce(&mut data, ReduceOp::Sum).unwrap();
+            let world = comm.world_size();
+            assert!(data.iter().all(|v| *v == (world * (world - 1) / 2) as f32));
+            drop(comm);
+        });
+        println!("done");
+        return;
+    }
     let comm = match Communicator::from_env() {
         Ok(comm) => comm,
         Err(error) => {
@@ -438,6 +454,11 @@ fn every_collective_on_one_node_of_four() {
 #[test]
 fn async_collectives_overlap_computation() {
     assert_all_done(&finish(launch("overlap", &[0, 0, 1, 1], None, 60)));
+}
+
+#[test]
+fn a_communicator_works_inside_an_async_runtime() {
+    assert_all_done(&finish(launch("inside_runtime", &[0, 0, 1], None, 30)));
 }
 
 #[test]

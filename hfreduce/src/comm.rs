@@ -17,7 +17,7 @@ use ff_net::{Call, NetClient, NetConfig, PooledBuf, Transport as _};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 
-use crate::config::CommConfig;
+use crate::config::{Algorithm, CommConfig};
 use crate::dtype::{
     Buffer, DType, Element, ReduceOp, combine, compute_type, divide, narrow, widen, widen_into,
 };
@@ -36,6 +36,10 @@ mod kind {
 
 /// Calls queued and not yet run; more wait in `Communicator` calls.
 const QUEUE_CAPACITY: usize = 1024;
+/// All-to-all chunks in flight from one rank.
+const ALL_TO_ALL_WINDOW: usize = 16;
+/// Largest all-to-all piece accepted from one rank.
+const PIECE_MAX: usize = 1 << 40;
 /// Bits of a message tag that number messages within one collective.
 const TAG_BITS: u32 = 32;
 
@@ -68,7 +72,7 @@ pub(crate) struct Ring {
 }
 
 impl Ring {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.members.len()
     }
 
@@ -125,6 +129,9 @@ pub(crate) struct Inner {
     net: NetClient,
     timeout: Duration,
     chunk_bytes: usize,
+    /// Ring or tree for allreduce across the network (see [`Algorithm::choose`]).
+    algorithm: Algorithm,
+    tree_latency_bytes: usize,
     /// The first failure; every later call returns it.
     failed: Mutex<Option<CommError>>,
     sends: Arc<SendPool>,
@@ -328,7 +335,7 @@ impl Communicator {
     /// Reduces `data` over all ranks in place.
     pub fn allreduce<T: Element>(&self, data: &mut [T], op: ReduceOp) -> Result<(), CommError> {
         // Straight through a reused working buffer: one copy in, one out, no fresh memory.
-        let mut buffer = self.inner.take_scratch();
+        let mut buffer = self.inner.take_scratch(widened_len::<T>(data.len()));
         widen_into(data, &mut buffer);
         self.allreduce_buffer::<T>(buffer, data.len(), op)
             .wait()
@@ -340,7 +347,7 @@ impl Communicator {
 
     /// [`Communicator::allreduce`], asynchronously: the data comes back through the handle.
     pub fn allreduce_async<T: Element>(&self, mut data: Vec<T>, op: ReduceOp) -> Handle<Vec<T>> {
-        let mut buffer = self.inner.take_scratch();
+        let mut buffer = self.inner.take_scratch(widened_len::<T>(data.len()));
         widen_into(&data, &mut buffer);
         self.submit(move |inner, seq| {
             Box::pin(async move {
@@ -443,6 +450,7 @@ impl Communicator {
                     .ring_reduce(
                         &inner.everyone,
                         seq,
+                        0,
                         signature,
                         dtype,
                         op,
@@ -469,8 +477,36 @@ impl Communicator {
         data: &[T],
         send_counts: &[usize],
     ) -> Result<(Vec<T>, Vec<usize>), CommError> {
-        self.all_to_all_async(data.to_vec(), send_counts.to_vec())
-            .wait()
+        let mut out = Vec::new();
+        let counts = self.all_to_all_into(data, send_counts, &mut out)?;
+        Ok((out, counts))
+    }
+
+    /// [`Communicator::all_to_all`] into `out` (replacing its contents, keeping its memory):
+    /// called in a loop with the same `out`, it allocates nothing once warm.
+    pub fn all_to_all_into<T: Element>(
+        &self,
+        data: &[T],
+        send_counts: &[usize],
+        out: &mut Vec<T>,
+    ) -> Result<Vec<usize>, CommError> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut input = self.inner.take_scratch(bytes.len());
+        input.bytes_mut().copy_from_slice(bytes);
+        let count = data.len();
+        let send_counts = send_counts.to_vec();
+        let pieces = self
+            .submit(move |inner, seq| {
+                Box::pin(async move {
+                    let pieces = inner
+                        .exchange::<T>(seq, input.bytes(), count, &send_counts)
+                        .await;
+                    inner.give_scratch(input);
+                    pieces
+                })
+            })
+            .wait()?;
+        Ok(self.inner.assemble(pieces, out))
     }
 
     /// [`Communicator::all_to_all`], asynchronously.
@@ -481,22 +517,11 @@ impl Communicator {
     ) -> Handle<(Vec<T>, Vec<usize>)> {
         self.submit(move |inner, seq| {
             Box::pin(async move {
-                if send_counts.len() != inner.world || send_counts.iter().sum::<usize>() != data.len() {
-                    return Err(CommError::InvalidArgument(format!(
-                        "all-to-all needs one count per rank ({}) summing to the data's {} elements",
-                        inner.world,
-                        data.len()
-                    )));
-                }
                 let pieces = inner
-                    .all_to_all(seq, T::DTYPE, bytemuck::cast_slice(&data), &send_counts)
+                    .exchange::<T>(seq, bytemuck::cast_slice(&data), data.len(), &send_counts)
                     .await?;
-                let size = std::mem::size_of::<T>();
-                let counts: Vec<usize> = pieces.iter().map(|p| p.len() / size).collect();
-                let mut out: Vec<T> = Vec::with_capacity(counts.iter().sum());
-                for piece in &pieces {
-                    out.extend(piece.chunks_exact(size).map(bytemuck::pod_read_unaligned::<T>));
-                }
+                let mut out = Vec::new();
+                let counts = inner.assemble(pieces, &mut out);
                 Ok((out, counts))
             })
         })
@@ -515,6 +540,11 @@ impl Communicator {
         })
         .wait()
     }
+}
+
+/// Bytes of `count` elements of `T` once widened for reduction.
+fn widened_len<T: Element>(count: usize) -> usize {
+    count * compute_type(T::DTYPE).size()
 }
 
 fn signature(kind: u8, dtype: DType, op: ReduceOp, count: usize) -> Signature {
@@ -569,7 +599,7 @@ async fn rendezvous(config: &CommConfig) -> Result<(Arc<Inner>, ff_net::Server),
         &net,
         &master,
         &format!("rank/{}", config.rank),
-        &format!("{addr} {}", config.node_id),
+        &format!("{addr} {} {}", config.plan_settings(), config.node_id),
         deadline,
     )
     .await?;
@@ -579,7 +609,20 @@ async fn rendezvous(config: &CommConfig) -> Result<(Arc<Inner>, ff_net::Server),
             if entry.is_none()
                 && let Some(value) = store_get(&net, &master, &format!("rank/{rank}")).await
             {
-                let (peer, node) = value.split_once(' ').unwrap_or((value.as_str(), ""));
+                let mut fields = value.splitn(3, ' ');
+                let (peer, settings, node) = (
+                    fields.next().unwrap_or(""),
+                    fields.next().unwrap_or(""),
+                    fields.next().unwrap_or(""),
+                );
+                if settings != config.plan_settings() {
+                    return Err(CommError::Config(format!(
+                        "rank {rank} runs with {settings} but rank {} with {}: every rank \
+                         must use the same HFREDUCE_* settings",
+                        config.rank,
+                        config.plan_settings()
+                    )));
+                }
                 *entry = Some((peer.to_string(), node.to_string()));
             }
         }
@@ -612,6 +655,8 @@ async fn rendezvous(config: &CommConfig) -> Result<(Arc<Inner>, ff_net::Server),
         net,
         timeout: config.timeout,
         chunk_bytes: config.chunk_bytes,
+        algorithm: config.algorithm,
+        tree_latency_bytes: config.tree_latency_bytes,
         failed: Mutex::new(None),
         sends: Arc::new(SendPool::default()),
         scratch: Mutex::new(Vec::new()),
@@ -705,25 +750,37 @@ impl Inner {
         Ok(buffer)
     }
 
-    /// A working buffer from the pool (keeps its memory between calls).
-    fn take_scratch(&self) -> Buffer {
-        self.scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default()
+    /// A working buffer from the pool (keeps its memory between calls) `len` bytes long: the
+    /// smallest that holds `len`, else the largest, so that buffers of different sizes keep
+    /// their roles from call to call instead of reallocating.
+    fn take_scratch(&self, len: usize) -> Buffer {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let fitting = scratch
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .or_else(|| scratch.iter().enumerate().max_by_key(|(_, b)| b.capacity()))
+            .map(|(at, _)| at);
+        let mut buffer = fitting
+            .map(|at| scratch.swap_remove(at))
+            .unwrap_or_default();
+        drop(scratch);
+        buffer.resize(len);
+        buffer
     }
 
     /// Returns a working buffer to the pool.
     fn give_scratch(&self, buffer: Buffer) {
         let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if scratch.len() < SCRATCH_BUFFERS {
+        // Enough for an all-to-all's pieces plus its input.
+        if scratch.len() < SCRATCH_BUFFERS.max(self.world + 1) {
             scratch.push(buffer);
         }
     }
 
     /// `data` copied into a pooled send buffer.
-    fn copy_out(&self, data: &[u8]) -> Bytes {
+    pub(crate) fn copy_out(&self, data: &[u8]) -> Bytes {
         let mut buf = self
             .sends
             .free
@@ -761,8 +818,18 @@ impl Inner {
 
     /// Chunk bounds within `[start, end)`, each at most `chunk_bytes` and a whole number of
     /// `size`-byte elements.
-    fn chunks(&self, (start, end): (usize, usize), size: usize) -> Vec<(usize, usize)> {
-        let step = (self.chunk_bytes / size).max(1) * size;
+    pub(crate) fn chunks(&self, bounds: (usize, usize), size: usize) -> Vec<(usize, usize)> {
+        Self::chunks_of(self.chunk_bytes, bounds, size)
+    }
+
+    /// Bounds within `[start, end)`, each at most `limit` bytes and a whole number of
+    /// `size`-byte elements.
+    pub(crate) fn chunks_of(
+        limit: usize,
+        (start, end): (usize, usize),
+        size: usize,
+    ) -> Vec<(usize, usize)> {
+        let step = (limit / size).max(1) * size;
         let mut out = Vec::new();
         let mut at = start;
         while at < end {
@@ -904,6 +971,7 @@ impl Inner {
         &self,
         ring: &Ring,
         seq: u64,
+        index_base: usize,
         signature: Signature,
         dtype: DType,
         op: ReduceOp,
@@ -921,7 +989,7 @@ impl Inner {
                 .map(|(s, e)| self.copy_out(&bytes[*s..*e]))
                 .collect();
             let incoming = self.chunks(bounds[recv_seg], size);
-            let base = step * self.per_step(bounds, size);
+            let base = index_base + step * self.per_step(bounds, size);
             for ((start, end), data) in self
                 .ring_step(ring, seq, signature, base, outgoing, &incoming)
                 .await?
@@ -964,8 +1032,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Allreduce: through the node (shared memory, then the leaders' ring) when ranks share
-    /// nodes, else one ring over every rank.
+    /// Allreduce: through the node (shared memory, then the leaders on the network) when ranks
+    /// share nodes, else over every rank at once.
     async fn allreduce(
         &self,
         seq: u64,
@@ -980,9 +1048,10 @@ impl Inner {
                     .await
             }
             None => {
-                self.ring_allreduce(
+                self.group_allreduce(
                     &self.everyone,
                     seq,
+                    0,
                     signature,
                     dtype,
                     op,
@@ -993,11 +1062,51 @@ impl Inner {
         }
     }
 
-    /// Ring allreduce over `ring`: reduce-scatter, then all-gather of the reduced segments.
+    /// Allreduce over `group` by ring or double binary tree, as configured for this size;
+    /// message tags from `base` (see [`Inner::allreduce_tags`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn group_allreduce(
+        &self,
+        group: &Ring,
+        seq: u64,
+        base: usize,
+        signature: Signature,
+        dtype: DType,
+        op: ReduceOp,
+        bytes: &mut [u8],
+    ) -> Result<(), CommError> {
+        let algorithm = self
+            .algorithm
+            .choose(bytes.len(), group.len(), self.tree_latency_bytes);
+        match algorithm {
+            Algorithm::Tree => {
+                self.tree_allreduce(group, seq, base, signature, dtype, op, bytes)
+                    .await
+            }
+            Algorithm::Ring | Algorithm::Auto => {
+                self.ring_allreduce(group, seq, base, signature, dtype, op, bytes)
+                    .await
+            }
+        }
+    }
+
+    /// How many message tags an allreduce of `len` bytes over `members` uses at most (by
+    /// either algorithm), so that several can run in one call with disjoint tags.
+    pub(crate) fn allreduce_tags(&self, members: usize, len: usize, size: usize) -> usize {
+        let ring = 2 * members * self.per_step(&Self::segments(members, len / size, size), size);
+        let half = Self::segments(2, len / size, size)[1];
+        let tree = 4 * self.chunks(half, size).len();
+        ring.max(tree)
+    }
+
+    /// Ring allreduce over `ring`: reduce-scatter, then all-gather of the reduced segments;
+    /// message tags from `base`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn ring_allreduce(
         &self,
         ring: &Ring,
         seq: u64,
+        base: usize,
         signature: Signature,
         dtype: DType,
         op: ReduceOp,
@@ -1008,10 +1117,10 @@ impl Inner {
         }
         let size = dtype.size();
         let bounds = Self::segments(ring.len(), bytes.len() / size, size);
-        self.ring_reduce(ring, seq, signature, dtype, op, bytes, &bounds)
+        self.ring_reduce(ring, seq, base, signature, dtype, op, bytes, &bounds)
             .await?;
         // All-gather tags start past every reduce-scatter tag.
-        let index_base = ring.len() * self.per_step(&bounds, size);
+        let index_base = base + ring.len() * self.per_step(&bounds, size);
         self.ring_gather(ring, seq, signature, bytes, &bounds, index_base)
             .await
     }
@@ -1032,8 +1141,8 @@ impl Inner {
         let position = (self.rank + n - root) % n;
         let chunks = self.chunks((0, bytes.len()), 1);
         let forward = position < n - 1;
-        let (tx, mut rx) = futures::channel::mpsc::unbounded::<(usize, Bytes)>();
-        let receiving = async {
+        let (outbox, queued) = futures::channel::mpsc::unbounded::<(usize, u64, Bytes)>();
+        let receiving = async move {
             for (c, (start, end)) in chunks.iter().enumerate() {
                 let data = if position == 0 {
                     self.copy_out(&bytes[*start..*end])
@@ -1053,42 +1162,82 @@ impl Inner {
                     self.copy_out(&data)
                 };
                 if forward {
-                    let _ = tx.unbounded_send((c, data));
+                    let _ = outbox.unbounded_send((self.next(), Self::tag(seq, c), data));
                 }
-            }
-            drop(tx);
-            Ok::<_, CommError>(())
-        };
-        let sending = async {
-            let mut sends = FuturesUnordered::new();
-            loop {
-                tokio::select! {
-                    next = rx.next() => match next {
-                        Some((c, data)) => sends.push(self.send(self.next(), Self::tag(seq, c), signature, data)),
-                        None => break,
-                    },
-                    Some(sent) = sends.next(), if !sends.is_empty() => sent?,
-                }
-            }
-            while let Some(sent) = sends.next().await {
-                sent?;
             }
             Ok::<_, CommError>(())
         };
-        let (received, sent) = tokio::join!(receiving, sending);
-        received?;
-        sent
+        tokio::try_join!(receiving, self.send_all(queued, signature))?;
+        Ok(())
+    }
+
+    /// Sends every message `(to, tag, payload)` that comes through `queued`, all at once,
+    /// until the queue closes and every send is done.
+    pub(crate) async fn send_all(
+        &self,
+        mut queued: futures::channel::mpsc::UnboundedReceiver<(usize, u64, Bytes)>,
+        signature: Signature,
+    ) -> Result<(), CommError> {
+        let mut sends = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                next = queued.next() => match next {
+                    Some((to, tag, data)) => sends.push(self.send(to, tag, signature, data)),
+                    None => break,
+                },
+                Some(sent) = sends.next(), if !sends.is_empty() => sent?,
+            }
+        }
+        while let Some(sent) = sends.next().await {
+            sent?;
+        }
+        Ok(())
+    }
+
+    /// All-to-all of `count` elements of `T` in `data` (as bytes), after checking the counts.
+    async fn exchange<T: Element>(
+        &self,
+        seq: u64,
+        data: &[u8],
+        count: usize,
+        send_counts: &[usize],
+    ) -> Result<Vec<Buffer>, CommError> {
+        if send_counts.len() != self.world || send_counts.iter().sum::<usize>() != count {
+            return Err(CommError::InvalidArgument(format!(
+                "all-to-all needs one count per rank ({}) summing to the data's {count} elements",
+                self.world
+            )));
+        }
+        self.all_to_all(seq, T::DTYPE, data, send_counts).await
+    }
+
+    /// The received pieces, in rank order, copied into `out` (whose memory is kept); the
+    /// pieces' buffers go back to the pool. Returns the element count from each rank.
+    fn assemble<T: Element>(&self, pieces: Vec<Buffer>, out: &mut Vec<T>) -> Vec<usize> {
+        let size = std::mem::size_of::<T>();
+        let counts: Vec<usize> = pieces.iter().map(|p| p.len() / size).collect();
+        out.clear();
+        out.resize(counts.iter().sum(), T::zeroed());
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
+        let mut at = 0;
+        for piece in pieces {
+            bytes[at..at + piece.len()].copy_from_slice(piece.bytes());
+            at += piece.len();
+            self.give_scratch(piece);
+        }
+        counts
     }
 
     /// Every rank sends its piece to every other directly, chunked; the first chunk's header
-    /// carries the piece's element count, so uneven pieces need no size exchange.
+    /// carries the piece's element count, so uneven pieces need no size exchange. Pieces
+    /// arrive in pooled working buffers.
     async fn all_to_all(
         &self,
         seq: u64,
         dtype: DType,
         data: &[u8],
         counts: &[usize],
-    ) -> Result<Vec<Vec<u8>>, CommError> {
+    ) -> Result<Vec<Buffer>, CommError> {
         let size = dtype.size();
         let mut offsets = Vec::with_capacity(counts.len());
         let mut at = 0;
@@ -1096,27 +1245,38 @@ impl Inner {
             offsets.push((at * size, (at + count) * size));
             at += count;
         }
-        let mut pieces: Vec<Vec<u8>> = vec![Vec::new(); self.world];
-        pieces[self.rank] = data[offsets[self.rank].0..offsets[self.rank].1].to_vec();
+        let mut pieces: Vec<Buffer> = (0..self.world).map(|_| Buffer::default()).collect();
+        let (own_start, own_end) = offsets[self.rank];
+        pieces[self.rank] = self.take_scratch(own_end - own_start);
+        pieces[self.rank]
+            .bytes_mut()
+            .copy_from_slice(&data[own_start..own_end]);
+        // Chunks go out in a bounded window (peers interleaved, so that every receiver is fed
+        // at once): send buffers and the receivers' queues stay bounded whatever the size.
+        let mut messages = Vec::new();
+        for peer in (0..self.world).filter(|p| *p != self.rank) {
+            let (start, end) = offsets[peer];
+            let chunks = self.chunks((start, end), size);
+            let piece_signature = signature(kind::ALL_TO_ALL, dtype, ReduceOp::Sum, counts[peer]);
+            if chunks.is_empty() {
+                messages.push((0, peer, piece_signature, (start, start)));
+            }
+            for (c, bounds) in chunks.into_iter().enumerate() {
+                messages.push((c, peer, piece_signature, bounds));
+            }
+        }
+        messages.sort_by_key(|(c, peer, _, _)| (*c, *peer));
         let sends = async {
-            let mut sends = FuturesUnordered::new();
-            for peer in (0..self.world).filter(|p| *p != self.rank) {
-                let (start, end) = offsets[peer];
-                let piece_signature =
-                    signature(kind::ALL_TO_ALL, dtype, ReduceOp::Sum, counts[peer]);
-                let chunks = self.chunks((start, end), size);
-                if chunks.is_empty() {
-                    sends.push(self.send(peer, Self::tag(seq, 0), piece_signature, Bytes::new()));
-                }
-                for (c, (s, e)) in chunks.into_iter().enumerate() {
-                    sends.push(self.send(
+            let mut sends = futures::stream::iter(messages)
+                .map(|(c, peer, piece_signature, (s, e))| {
+                    self.send(
                         peer,
                         Self::tag(seq, c),
                         piece_signature,
                         self.copy_out(&data[s..e]),
-                    ));
-                }
-            }
+                    )
+                })
+                .buffer_unordered(ALL_TO_ALL_WINDOW);
             while let Some(sent) = sends.next().await {
                 sent?;
             }
@@ -1139,21 +1299,35 @@ impl Inner {
                             describe(&theirs)
                         )));
                     }
+                    // The count came from the network: bounded before anything is sized by it.
                     let total = usize::try_from(theirs.count)
-                        .unwrap_or(usize::MAX)
-                        .saturating_mul(size);
-                    let chunks = self.chunks((0, total), size).len();
-                    let mut piece = first.into_vec();
-                    for c in 1..chunks {
-                        piece.extend_from_slice(
-                            &self.receive(peer, Self::tag(seq, c), theirs).await?,
-                        );
-                    }
-                    if piece.len() != total {
-                        return Err(CommError::Mismatch(format!(
-                            "rank {peer} announced {total} bytes and sent {}",
-                            piece.len()
-                        )));
+                        .ok()
+                        .and_then(|count| count.checked_mul(size))
+                        .filter(|total| *total <= PIECE_MAX)
+                        .ok_or_else(|| {
+                            CommError::Mismatch(format!(
+                                "rank {peer} announced an all-to-all piece of {} elements, \
+                                 more than {PIECE_MAX} bytes",
+                                theirs.count
+                            ))
+                        })?;
+                    let mut piece = self.take_scratch(total);
+                    let chunks = self.chunks((0, total), size);
+                    let mut first = Some(first);
+                    for (c, (start, end)) in chunks.iter().enumerate() {
+                        let data = match first.take() {
+                            Some(data) => data,
+                            None => self.receive(peer, Self::tag(seq, c), theirs).await?,
+                        };
+                        if data.len() != end - start {
+                            return Err(CommError::Mismatch(format!(
+                                "rank {peer} sent {} bytes of an all-to-all piece where {} \
+                                 were expected",
+                                data.len(),
+                                end - start
+                            )));
+                        }
+                        piece.bytes_mut()[*start..*end].copy_from_slice(&data);
                     }
                     Ok((peer, piece))
                 });

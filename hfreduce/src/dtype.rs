@@ -216,6 +216,11 @@ impl Buffer {
         &mut bytemuck::cast_slice_mut(&mut self.words)[..len]
     }
 
+    /// Bytes it can hold without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.words.capacity() * 8
+    }
+
     /// Bytes held.
     pub fn len(&self) -> usize {
         self.len

@@ -9,6 +9,7 @@
 //! - [`comm`]: the communicator and its collectives.
 //! - [`bucket`]: gradient bucketing (averaged asynchronously as buckets fill, as PyTorch DDP).
 //! - `node`: allreduce's node stage (ranks of a node through `/dev/shm`, leaders on the network).
+//! - `tree`: allreduce over a double binary tree (small messages, many members).
 //! - [`error`]: failures, naming ranks and calls.
 
 pub mod bucket;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 mod node;
+mod tree;
 pub mod wire;
 
 pub use bucket::Buckets;

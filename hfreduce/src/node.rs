@@ -27,11 +27,14 @@ use crate::dtype::{Buffer, DType, ReduceOp, combine};
 use crate::error::CommError;
 use crate::wire::Signature;
 
-/// Message indices of the control messages (far above any ring message's).
-const GROWN: usize = 1 << 30;
-const WRITTEN: usize = GROWN + 1;
-const RESULT: usize = GROWN + 2;
-const PART_DONE: usize = GROWN + 3;
+/// Message indices of the control messages, far above any network message's (those of stage
+/// `k` start at `k` times one stage's share of tags, below `1 << 30`).
+const WRITTEN: usize = 1 << 30;
+const RESULT: usize = 2 << 30;
+const GROWN: usize = 3 << 30;
+const PART_DONE: usize = GROWN + 1;
+/// Most pipeline stages in one call (stage `k` is told by index `WRITTEN + k`).
+const STAGES_MAX: usize = 1 << 30;
 
 /// This rank's node.
 pub(crate) struct Node {
@@ -45,6 +48,8 @@ pub(crate) struct Node {
     lane: Option<Ring>,
     path: PathBuf,
     file: Mutex<Option<File>>,
+    /// Bytes per pipeline stage.
+    stage_bytes: usize,
     /// The leader's buffer for reading slots (kept between calls).
     slot: Mutex<Buffer>,
 }
@@ -117,6 +122,7 @@ impl Node {
             lane,
             path,
             file: Mutex::new(None),
+            stage_bytes: config.stage_bytes,
             slot: Mutex::new(Buffer::default()),
         })
     }
@@ -198,61 +204,162 @@ impl Node {
                 .allreduce_in_lanes(inner, lane, seq, signature, dtype, op, buffer)
                 .await;
         }
-        let len = buffer.len() as u64;
-        let leader = self.locals[0];
-        let slots = self.locals.len() as u64;
-        if self.at != 0 {
-            // Wait until the file holds every slot, write ours, wait for the result.
-            let file = self.sized_file(inner, seq, signature, slots * len).await?;
-            let offset = self.at as u64 * len;
-            tokio::task::block_in_place(|| file.write_all_at(buffer.bytes(), offset))
-                .map_err(|e| io("writing", &self.path, &e))?;
-            self.control(inner, leader, seq, WRITTEN, signature).await?;
-            inner
-                .receive(leader, Inner::tag(seq, RESULT), signature)
-                .await?;
-            tokio::task::block_in_place(|| file.read_exact_at(buffer.bytes_mut(), 0))
-                .map_err(|e| io("reading", &self.path, &e))?;
-            return Ok(());
+        let stages = Inner::chunks_of(self.stage_bytes, (0, buffer.len()), dtype.size());
+        if stages.len() >= STAGES_MAX {
+            return Err(CommError::InvalidArgument(format!(
+                "{} bytes make {} pipeline stages, more than {STAGES_MAX}: raise HFREDUCE_STAGE_BYTES",
+                buffer.len(),
+                stages.len()
+            )));
         }
+        let slots = self.locals.len();
         if slots == 1 {
-            // Alone on its node: straight to the leaders' ring, no file.
+            // Alone on its node: no file, but the same stages on the network as every leader.
             if let Some(leaders) = &self.leaders {
-                inner
-                    .ring_allreduce(leaders, seq, signature, dtype, op, buffer.bytes_mut())
-                    .await?;
+                let tags = Self::stage_tags(inner, leaders, &stages, dtype);
+                for (k, (start, end)) in stages.iter().enumerate() {
+                    let stage = &mut buffer.bytes_mut()[*start..*end];
+                    inner
+                        .group_allreduce(leaders, seq, k * tags, signature, dtype, op, stage)
+                        .await?;
+                }
             }
             return Ok(());
         }
-        let file = self.sized_file(inner, seq, signature, slots * len).await?;
-        for local in &self.locals[1..] {
-            inner
-                .receive(*local, Inner::tag(seq, WRITTEN), signature)
-                .await?;
+        let file = self
+            .sized_file(inner, seq, signature, (slots * buffer.len()) as u64)
+            .await?;
+        if self.at == 0 {
+            self.lead(inner, &file, seq, signature, dtype, op, buffer, &stages)
+        } else {
+            self.follow(inner, &file, seq, signature, buffer, &stages)
+                .await
         }
-        // Reduce the node's slots into this rank's buffer.
-        {
-            let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-            slot.resize(buffer.len());
-            for index in 1..slots {
-                tokio::task::block_in_place(|| file.read_exact_at(slot.bytes_mut(), index * len))
-                    .map_err(|e| io("reading", &self.path, &e))?;
-                tokio::task::block_in_place(|| {
-                    combine_parallel(dtype, op, buffer.bytes_mut(), slot.bytes())
-                });
-            }
-        }
-        if let Some(leaders) = &self.leaders {
-            inner
-                .ring_allreduce(leaders, seq, signature, dtype, op, buffer.bytes_mut())
-                .await?;
-        }
-        tokio::task::block_in_place(|| file.write_all_at(buffer.bytes(), 0))
+    }
+
+    /// Message tags one stage's network allreduce takes (stage `k`'s start at `k` times this).
+    fn stage_tags(inner: &Inner, leaders: &Ring, stages: &[(usize, usize)], dtype: DType) -> usize {
+        stages.first().map_or(0, |(start, end)| {
+            inner.allreduce_tags(leaders.len(), end - start, dtype.size())
+        })
+    }
+
+    /// A local rank's part: writes its slot stage by stage, telling the leader as each is in,
+    /// then reads each stage of the result as the leader says it is there.
+    async fn follow(
+        &self,
+        inner: &Inner,
+        file: &File,
+        seq: u64,
+        signature: Signature,
+        buffer: &mut Buffer,
+        stages: &[(usize, usize)],
+    ) -> Result<(), CommError> {
+        let leader = self.locals[0];
+        let slot = (self.at * buffer.len()) as u64;
+        for (k, (start, end)) in stages.iter().enumerate() {
+            tokio::task::block_in_place(|| {
+                file.write_all_at(&buffer.bytes()[*start..*end], slot + *start as u64)
+            })
             .map_err(|e| io("writing", &self.path, &e))?;
-        for local in &self.locals[1..] {
-            self.control(inner, *local, seq, RESULT, signature).await?;
+            self.control(inner, leader, seq, WRITTEN + k, signature)
+                .await?;
+        }
+        for (k, (start, end)) in stages.iter().enumerate() {
+            inner
+                .receive(leader, Inner::tag(seq, RESULT + k), signature)
+                .await?;
+            tokio::task::block_in_place(|| {
+                file.read_exact_at(&mut buffer.bytes_mut()[*start..*end], *start as u64)
+            })
+            .map_err(|e| io("reading", &self.path, &e))?;
         }
         Ok(())
+    }
+
+    /// The leader's part, a two-stage pipeline: a reducer thread combines each stage of the
+    /// node's slots into this rank's buffer while this thread carries the stage before it
+    /// over the network, writes it to the result region and tells the local ranks.
+    #[allow(clippy::too_many_arguments)]
+    fn lead(
+        &self,
+        inner: &Inner,
+        file: &File,
+        seq: u64,
+        signature: Signature,
+        dtype: DType,
+        op: ReduceOp,
+        buffer: &mut Buffer,
+        stages: &[(usize, usize)],
+    ) -> Result<(), CommError> {
+        let handle = tokio::runtime::Handle::current();
+        let len = buffer.len();
+        let tags = self.leaders.as_ref().map_or(0, |leaders| {
+            Self::stage_tags(inner, leaders, stages, dtype)
+        });
+        // Every stage can be waiting at once: the reducer never blocks on the network.
+        let (reduced, mut to_send) = tokio::sync::mpsc::channel(stages.len().max(1));
+        // Off the runtime: the reducer and this thread block (on files and on each other).
+        tokio::task::block_in_place(|| {
+            std::thread::scope(|scope| {
+                let reducer_handle = handle.clone();
+                let reducer = scope.spawn(move || {
+                    let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut rest = buffer.bytes_mut();
+                    for (k, (start, end)) in stages.iter().enumerate() {
+                        let (stage, tail) = std::mem::take(&mut rest).split_at_mut(end - start);
+                        rest = tail;
+                        for local in &self.locals[1..] {
+                            reducer_handle.block_on(inner.receive(
+                                *local,
+                                Inner::tag(seq, WRITTEN + k),
+                                signature,
+                            ))?;
+                        }
+                        slot.resize(end - start);
+                        for index in 1..self.locals.len() {
+                            file.read_exact_at(slot.bytes_mut(), (index * len + start) as u64)
+                                .map_err(|e| io("reading", &self.path, &e))?;
+                            combine_parallel(dtype, op, stage, slot.bytes());
+                        }
+                        if reduced.blocking_send((k, *start, stage)).is_err() {
+                            break; // the network side failed; its error is the one returned
+                        }
+                    }
+                    Ok::<_, CommError>(())
+                });
+                let sent = handle.block_on(async move {
+                    while let Some((k, start, stage)) = to_send.recv().await {
+                        if let Some(leaders) = &self.leaders {
+                            inner
+                                .group_allreduce(
+                                    leaders,
+                                    seq,
+                                    k * tags,
+                                    signature,
+                                    dtype,
+                                    op,
+                                    stage,
+                                )
+                                .await?;
+                        }
+                        file.write_all_at(stage, start as u64)
+                            .map_err(|e| io("writing", &self.path, &e))?;
+                        for local in &self.locals[1..] {
+                            self.control(inner, *local, seq, RESULT + k, signature)
+                                .await?;
+                        }
+                    }
+                    Ok::<_, CommError>(())
+                });
+                let reduced = reducer.join().unwrap_or_else(|_| {
+                    Err(CommError::SharedMemory(
+                        "the node's reducer panicked".to_string(),
+                    ))
+                });
+                sent.and(reduced)
+            })
+        })
     }
 }
 
@@ -311,9 +418,10 @@ impl Node {
             }
         }
         inner
-            .ring_allreduce(
+            .group_allreduce(
                 lane,
                 seq,
+                0,
                 signature,
                 dtype,
                 op,

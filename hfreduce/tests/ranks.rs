@@ -155,6 +155,12 @@ fn check_type<T: TestElement>(comm: &Communicator, sizes: &[usize], seed: &mut u
             (0..world).map(|s| (s + rank) % 3 * n).collect::<Vec<_>>()
         );
         assert_eq!(got, expected, "all-to-all n={n}");
+        // Into a reused output that held more: replaced, not appended to; the async form agrees.
+        let mut reused = vec![T::from_i64(5); expected.len() + 11];
+        let reused_counts = comm.all_to_all_into(&send, &counts, &mut reused).unwrap();
+        assert_eq!((&reused, &reused_counts), (&expected, &got_counts));
+        let (async_got, _) = comm.all_to_all_async(send, counts).wait().unwrap();
+        assert_eq!(async_got, expected, "async all-to-all n={n}");
     }
 }
 
@@ -335,13 +341,14 @@ fn launch(scenario: &str, nodes: &[usize], only: Option<usize>, timeout_secs: u6
     launch_with(scenario, nodes, only, timeout_secs, &[])
 }
 
-/// [`launch`] with extra environment for every rank.
+/// [`launch`] with extra environment: `(None, name, value)` for every rank, `(Some(r), ...)`
+/// for rank r only.
 fn launch_with(
     scenario: &str,
     nodes: &[usize],
     only: Option<usize>,
     timeout_secs: u64,
-    env: &[(&str, &str)],
+    env: &[(Option<usize>, &str, &str)],
 ) -> Vec<Child> {
     let world = nodes.len();
     let port = ff_harness::free_port_block(1).unwrap();
@@ -368,7 +375,11 @@ fn launch_with(
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
                 .env("HFREDUCE_TIMEOUT", timeout_secs.to_string())
-                .envs(env.iter().copied())
+                .envs(
+                    env.iter()
+                        .filter(|(to, _, _)| to.is_none_or(|r| r == rank))
+                        .map(|(_, name, value)| (*name, *value)),
+                )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -431,9 +442,58 @@ fn every_collective_through_lanes_on_two_nodes_of_two() {
         &[0, 0, 1, 1],
         None,
         60,
-        &[("HFREDUCE_LANES", "1")],
+        &[(None, "HFREDUCE_LANES", "1")],
     );
     assert_all_done(&finish(children));
+}
+
+#[test]
+fn every_collective_by_double_binary_tree_on_five_nodes() {
+    let children = launch_with(
+        "collectives",
+        &[0, 1, 2, 3, 4],
+        None,
+        60,
+        &[(None, "HFREDUCE_ALGO", "tree")],
+    );
+    assert_all_done(&finish(children));
+}
+
+#[test]
+fn every_collective_through_a_many_stage_node_pipeline_and_trees() {
+    // 16 KiB stages: the small sizes take one or a few, the large one thousands; the leaders'
+    // network part of each stage by tree.
+    let children = launch_with(
+        "collectives",
+        &[0, 0, 1, 1, 2],
+        None,
+        60,
+        &[
+            (None, "HFREDUCE_STAGE_BYTES", "16384"),
+            (None, "HFREDUCE_ALGO", "tree"),
+        ],
+    );
+    assert_all_done(&finish(children));
+}
+
+#[test]
+fn ranks_with_different_settings_are_refused_at_rendezvous() {
+    let children = launch_with(
+        "collectives",
+        &[0, 1, 2],
+        None,
+        3,
+        &[(Some(1), "HFREDUCE_CHUNK_BYTES", "65536")],
+    );
+    let outputs = finish(children);
+    for output in &outputs {
+        assert!(stdout(output).contains("failed:"), "{}", stdout(output));
+    }
+    let all = outputs.iter().map(stdout).collect::<String>();
+    assert!(
+        all.contains("chunk=65536") && all.contains("must use the same HFREDUCE_* settings"),
+        "{all}"
+    );
 }
 
 #[test]

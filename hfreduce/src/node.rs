@@ -294,9 +294,10 @@ impl Node {
     ) -> Result<(), CommError> {
         let handle = tokio::runtime::Handle::current();
         let len = buffer.len();
-        let tags = self.leaders.as_ref().map_or(0, |leaders| {
-            Self::stage_tags(inner, leaders, stages, dtype)
-        });
+        let tags = self
+            .leaders
+            .as_ref()
+            .map_or(0, |leaders| Self::stage_tags(inner, leaders, stages, dtype));
         // Every stage can be waiting at once: the reducer never blocks on the network.
         let (reduced, mut to_send) = tokio::sync::mpsc::channel(stages.len().max(1));
         // Off the runtime: the reducer and this thread block (on files and on each other).

@@ -6,8 +6,11 @@
 //!   Raft-backed service tells a client where the leader is (status code `UNAVAILABLE` with
 //!   `ff-leader-id` / `ff-leader-addr` metadata).
 //! - [`with_token`], [`token_of`]: how a client's token travels (`authorization: Bearer ...`).
+//! - [`tokens`]: making tokens, their stored hashes, the shared administrator's token file.
 //! - [`LeaderClient`]: a client over a list of endpoints that follows leader hints, fails over on
 //!   unreachable endpoints, and retries with bounded, jittered backoff until a deadline.
+
+pub mod tokens;
 
 use std::future::Future;
 use std::sync::Mutex;

@@ -21,5 +21,5 @@ pub mod server;
 pub mod service;
 
 pub use config::MetaConfig;
-pub use server::{Meta, MetaError, admin_token};
+pub use server::{Meta, MetaError};
 pub use service::{MetaApi, new_token, token_hash};

@@ -21,7 +21,6 @@ use fs3_proto::meta::{
 };
 use fs3_proto::mgmtd::ListNodesRequest;
 use fs3_proto::mgmtd::mgmtd_client::MgmtdClient;
-use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::machine::MetaMachine;
@@ -34,16 +33,7 @@ const USER_CACHE_CAPACITY: usize = 4096;
 /// Most chunks cut in parallel after a truncate.
 const CUT_PARALLELISM: usize = 16;
 
-/// SHA-256 of a token, the form in which meta stores it.
-pub fn token_hash(token: &str) -> Vec<u8> {
-    Sha256::digest(token.as_bytes()).to_vec()
-}
-
-/// A new random token (64 hex digits).
-pub fn new_token() -> String {
-    let bytes: [u8; 32] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use ff_rpc::tokens::{new_token, token_hash};
 
 /// Token -> (when looked up, who it stands for if anyone).
 type IdentityCache = HashMap<String, (Instant, Option<Identity>)>;

@@ -1,0 +1,1 @@
+//! hai-agent (in progress).

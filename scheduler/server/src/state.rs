@@ -1,0 +1,785 @@
+//! The replicated state and every change to it: jobs, nodes and users as protobuf records in
+//! one redb table, and the transitions a committed command makes. Everything here is
+//! deterministic (times come in the command), and every change checks before it writes, so a
+//! refused command leaves no trace.
+//!
+//! Keys: `JOB_` + id (u64 BE), `NODE` + name, `USER` + SHA-256 of the token, `REQ_` + request
+//! id (the job a submission made, so that a retried submission answers the same job), `NEXT`
+//! (the next job id).
+
+use ff_raft::StateMachineError;
+use ff_raft::redb::{ReadableTable, Table, TableDefinition};
+use hai_proto::{
+    Job, JobSpec, JobState, Node, NodeState, PlaceOp, PlacedNode, RankExit, RestartPolicy,
+    StopKind, StopOp, User, UserRecord,
+};
+use prost::Message as _;
+
+/// Every record (see the module documentation).
+pub const HAI: TableDefinition<'static, &'static [u8], &'static [u8]> = TableDefinition::new("hai");
+
+const JOB_PREFIX: &[u8] = b"JOB_";
+const NODE_PREFIX: &[u8] = b"NODE";
+const USER_PREFIX: &[u8] = b"USER";
+const REQUEST_PREFIX: &[u8] = b"REQ_";
+const NEXT_JOB: &[u8] = b"NEXT";
+
+/// Limits on what a job may ask for.
+pub mod limits {
+    /// Most nodes one job may span.
+    pub const MAX_NODES: u32 = 4096;
+    /// Most ranks per node.
+    pub const MAX_RANKS_PER_NODE: u32 = 1024;
+    /// Longest grace period (a day).
+    pub const MAX_GRACE_MS: u64 = 24 * 3600 * 1000;
+    /// Priorities run from -1000 to 1000.
+    pub const MAX_PRIORITY: i32 = 1000;
+    /// Longest name, argument, variable and path.
+    pub const MAX_TEXT: usize = 4096;
+    /// Most arguments and environment variables.
+    pub const MAX_ITEMS: usize = 1024;
+    /// Most restarts after failures.
+    pub const MAX_RESTARTS: u32 = 1000;
+}
+
+/// A refusal: a gRPC code (as `tonic::Code` numbers) and a message for the caller.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The command may not be applied; nothing changed.
+    Refused {
+        /// `tonic::Code` as a number.
+        code: i32,
+        /// Why.
+        message: String,
+    },
+    /// Storage failed: the replica must stop.
+    Storage(StateMachineError),
+}
+
+impl<E: Into<StateMachineError>> From<E> for Refusal {
+    fn from(error: E) -> Self {
+        Refusal::Storage(error.into())
+    }
+}
+
+/// `tonic::Code` numbers used in refusals.
+pub mod code {
+    /// Malformed input.
+    pub const INVALID_ARGUMENT: i32 = 3;
+    /// No such job, node or user.
+    pub const NOT_FOUND: i32 = 5;
+    /// It exists already.
+    pub const ALREADY_EXISTS: i32 = 6;
+    /// The caller may not do this.
+    pub const PERMISSION_DENIED: i32 = 7;
+    /// Not in a state that allows it.
+    pub const FAILED_PRECONDITION: i32 = 9;
+}
+
+/// A refusal with `code` and `message`.
+pub fn refuse(code: i32, message: impl Into<String>) -> Refusal {
+    Refusal::Refused {
+        code,
+        message: message.into(),
+    }
+}
+
+type HaiTable<'t> = Table<'t, &'static [u8], &'static [u8]>;
+
+fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + rest.len());
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(rest);
+    key
+}
+
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+fn decode<M: prost::Message + Default>(bytes: &[u8], what: &str) -> Result<M, Refusal> {
+    M::decode(bytes).map_err(|e| {
+        Refusal::Storage(StateMachineError::Corrupt(format!(
+            "{what} does not decode: {e}"
+        )))
+    })
+}
+
+/// Every record under `prefix`, decoded.
+fn scan<M: prost::Message + Default>(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    prefix: &[u8],
+    what: &str,
+) -> Result<Vec<M>, Refusal> {
+    let end = prefix_end(prefix);
+    let mut out = Vec::new();
+    for item in table.range::<&[u8]>(prefix..end.as_slice())? {
+        let (_, value) = item?;
+        out.push(decode(value.value(), what)?);
+    }
+    Ok(out)
+}
+
+/// Job `id`, if it exists.
+pub fn job(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    id: u64,
+) -> Result<Option<Job>, Refusal> {
+    match table.get(key(JOB_PREFIX, &id.to_be_bytes()).as_slice())? {
+        Some(bytes) => Ok(Some(decode(bytes.value(), "a job record")?)),
+        None => Ok(None),
+    }
+}
+
+fn need_job(table: &HaiTable<'_>, id: u64) -> Result<Job, Refusal> {
+    job(table, id)?.ok_or_else(|| refuse(code::NOT_FOUND, format!("no job {id}")))
+}
+
+fn put_job(table: &mut HaiTable<'_>, job: &Job) -> Result<(), Refusal> {
+    table.insert(
+        key(JOB_PREFIX, &job.id.to_be_bytes()).as_slice(),
+        job.encode_to_vec().as_slice(),
+    )?;
+    Ok(())
+}
+
+/// Every job, in id order; ended ones only with `all`.
+pub fn jobs(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    all: bool,
+) -> Result<Vec<Job>, Refusal> {
+    let mut jobs: Vec<Job> = scan(table, JOB_PREFIX, "a job record")?;
+    if !all {
+        jobs.retain(|job| !is_ended(job.state()));
+    }
+    Ok(jobs)
+}
+
+/// Every node, by name.
+pub fn nodes(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Vec<Node>, Refusal> {
+    scan(table, NODE_PREFIX, "a node record")
+}
+
+fn node(table: &HaiTable<'_>, name: &str) -> Result<Option<Node>, Refusal> {
+    match table.get(key(NODE_PREFIX, name.as_bytes()).as_slice())? {
+        Some(bytes) => Ok(Some(decode(bytes.value(), "a node record")?)),
+        None => Ok(None),
+    }
+}
+
+fn put_node(table: &mut HaiTable<'_>, node: &Node) -> Result<(), Refusal> {
+    table.insert(
+        key(NODE_PREFIX, node.name.as_bytes()).as_slice(),
+        node.encode_to_vec().as_slice(),
+    )?;
+    Ok(())
+}
+
+/// The user whose token hashes to `sha`, if any.
+pub fn user(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    sha: &[u8],
+) -> Result<Option<User>, Refusal> {
+    match table.get(key(USER_PREFIX, sha).as_slice())? {
+        Some(bytes) => Ok(decode::<UserRecord>(bytes.value(), "a user record")?.user),
+        None => Ok(None),
+    }
+}
+
+/// Every user.
+pub fn users(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+) -> Result<Vec<User>, Refusal> {
+    let records: Vec<UserRecord> = scan(table, USER_PREFIX, "a user record")?;
+    Ok(records.into_iter().filter_map(|r| r.user).collect())
+}
+
+/// Whether `state` is final (a job only ends once every rank of it has exited, so an ended job
+/// holds nothing).
+pub fn is_ended(state: JobState) -> bool {
+    matches!(
+        state,
+        JobState::Completed | JobState::Failed | JobState::Cancelled
+    )
+}
+
+/// Whether a job in `state` waits to be placed.
+pub fn is_waiting(state: JobState) -> bool {
+    matches!(state, JobState::Pending | JobState::Suspended)
+}
+
+/// Ranks a job starts on each node.
+pub fn ranks_per_node(spec: &JobSpec) -> u32 {
+    if spec.ranks_per_node > 0 {
+        spec.ranks_per_node
+    } else {
+        spec.gpus_per_node.max(1)
+    }
+}
+
+/// Checks a job spec; the message names the field.
+pub fn validate_spec(spec: &JobSpec) -> Result<(), String> {
+    use limits::*;
+    if spec.command.is_empty() || spec.command[0].is_empty() {
+        return Err("command: a job needs a command to run".to_string());
+    }
+    if spec.nodes == 0 || spec.nodes > MAX_NODES {
+        return Err(format!("nodes: {} must be 1 to {MAX_NODES}", spec.nodes));
+    }
+    if spec.ranks_per_node > MAX_RANKS_PER_NODE {
+        return Err(format!(
+            "ranks_per_node: {} must be at most {MAX_RANKS_PER_NODE}",
+            spec.ranks_per_node
+        ));
+    }
+    if spec.gpus_per_node > MAX_RANKS_PER_NODE {
+        return Err(format!(
+            "gpus_per_node: {} must be at most {MAX_RANKS_PER_NODE}",
+            spec.gpus_per_node
+        ));
+    }
+    if spec.priority.abs() > MAX_PRIORITY {
+        return Err(format!(
+            "priority: {} must be -{MAX_PRIORITY} to {MAX_PRIORITY}",
+            spec.priority
+        ));
+    }
+    if spec.grace_ms > MAX_GRACE_MS {
+        return Err(format!("grace: {} ms is more than a day", spec.grace_ms));
+    }
+    if spec.max_restarts > MAX_RESTARTS {
+        return Err(format!(
+            "max_restarts: {} must be at most {MAX_RESTARTS}",
+            spec.max_restarts
+        ));
+    }
+    if spec.command.len() > MAX_ITEMS || spec.env.len() > MAX_ITEMS {
+        return Err(format!(
+            "command and env may have at most {MAX_ITEMS} items each"
+        ));
+    }
+    let texts = spec
+        .command
+        .iter()
+        .chain([&spec.name, &spec.checkpoint_dir, &spec.workdir])
+        .chain(spec.env.iter().flat_map(|v| [&v.name, &v.value]));
+    for text in texts {
+        if text.len() > MAX_TEXT || text.contains('\0') {
+            return Err(format!(
+                "{:?}...: text fields must be under {MAX_TEXT} bytes without NUL",
+                text.chars().take(20).collect::<String>()
+            ));
+        }
+    }
+    for var in &spec.env {
+        let valid = !var.name.is_empty()
+            && !var.name.contains('=')
+            && !var.name.starts_with(|c: char| c.is_ascii_digit());
+        if !valid {
+            return Err(format!("env: {:?} is not a variable name", var.name));
+        }
+    }
+    if spec.name.contains(char::is_whitespace) {
+        return Err(format!("name: {:?} must not contain spaces", spec.name));
+    }
+    Ok(())
+}
+
+/// Reads the next job id.
+fn next_job_id(table: &HaiTable<'_>) -> Result<u64, Refusal> {
+    Ok(match table.get(NEXT_JOB)? {
+        Some(bytes) => <[u8; 8]>::try_from(bytes.value())
+            .map(u64::from_be_bytes)
+            .unwrap_or(1),
+        None => 1,
+    })
+}
+
+/// Queues a job (or answers the job an earlier copy of this request made).
+pub fn submit(
+    table: &mut HaiTable<'_>,
+    now: i64,
+    spec: JobSpec,
+    owner: String,
+    request_id: &str,
+) -> Result<u64, Refusal> {
+    if !request_id.is_empty()
+        && let Some(bytes) = table.get(key(REQUEST_PREFIX, request_id.as_bytes()).as_slice())?
+    {
+        return Ok(<[u8; 8]>::try_from(bytes.value())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0));
+    }
+    validate_spec(&spec).map_err(|m| refuse(code::INVALID_ARGUMENT, m))?;
+    if request_id.len() > 128 {
+        return Err(refuse(code::INVALID_ARGUMENT, "request id over 128 bytes"));
+    }
+    let id = next_job_id(table)?;
+    let job = Job {
+        id,
+        spec: Some(spec),
+        owner,
+        state: JobState::Pending as i32,
+        submitted_ms: now,
+        reason: "queued".to_string(),
+        request_id: request_id.to_string(),
+        ..Job::default()
+    };
+    put_job(table, &job)?;
+    table.insert(NEXT_JOB, (id + 1).to_be_bytes().as_slice())?;
+    if !request_id.is_empty() {
+        table.insert(
+            key(REQUEST_PREFIX, request_id.as_bytes()).as_slice(),
+            id.to_be_bytes().as_slice(),
+        )?;
+    }
+    Ok(id)
+}
+
+/// Registers (or re-registers) a node: it is up again; its drain flag is kept.
+pub fn register(table: &mut HaiTable<'_>, now: i64, mut new: Node) -> Result<(), Refusal> {
+    if new.name.is_empty() || new.name.len() > 255 || new.name.contains(char::is_whitespace) {
+        return Err(refuse(
+            code::INVALID_ARGUMENT,
+            format!(
+                "node name {:?} must be 1-255 bytes without spaces",
+                new.name
+            ),
+        ));
+    }
+    if new.port_min == 0 || new.port_min > new.port_max || new.port_max > 65535 {
+        return Err(refuse(
+            code::INVALID_ARGUMENT,
+            format!(
+                "node {}: port range {}-{} is not valid",
+                new.name, new.port_min, new.port_max
+            ),
+        ));
+    }
+    let old = node(table, &new.name)?;
+    new.drain = old.as_ref().is_some_and(|o| o.drain);
+    new.state = NodeState::Up as i32;
+    new.down_reason = String::new();
+    new.registered_ms = now;
+    new.heartbeat_age_ms = 0;
+    put_node(table, &new)
+}
+
+/// What a node has free, given every job holding part of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// GPUs.
+    pub gpus: u32,
+    /// CPUs.
+    pub cpus: u32,
+    /// Memory in MB.
+    pub memory_mb: u64,
+}
+
+impl Resources {
+    /// A node's capacity.
+    pub fn of_node(node: &Node) -> Resources {
+        Resources {
+            gpus: node.gpus,
+            cpus: node.cpus,
+            memory_mb: node.memory_mb,
+        }
+    }
+
+    /// What a job takes on each of its nodes.
+    pub fn of_job(spec: &JobSpec) -> Resources {
+        Resources {
+            gpus: spec.gpus_per_node,
+            cpus: spec.cpus_per_node,
+            memory_mb: spec.memory_mb_per_node,
+        }
+    }
+
+    /// Whether `want` fits in this.
+    pub fn fits(&self, want: &Resources) -> bool {
+        self.gpus >= want.gpus && self.cpus >= want.cpus && self.memory_mb >= want.memory_mb
+    }
+
+    /// This minus `used` (never below zero).
+    pub fn minus(&self, used: &Resources) -> Resources {
+        Resources {
+            gpus: self.gpus.saturating_sub(used.gpus),
+            cpus: self.cpus.saturating_sub(used.cpus),
+            memory_mb: self.memory_mb.saturating_sub(used.memory_mb),
+        }
+    }
+
+    /// This plus `freed`.
+    pub fn plus(&self, freed: &Resources) -> Resources {
+        Resources {
+            gpus: self.gpus.saturating_add(freed.gpus),
+            cpus: self.cpus.saturating_add(freed.cpus),
+            memory_mb: self.memory_mb.saturating_add(freed.memory_mb),
+        }
+    }
+}
+
+/// Nodes of `job` that still hold its resources.
+pub fn held_nodes(job: &Job) -> impl Iterator<Item = &PlacedNode> {
+    job.placement
+        .iter()
+        .flat_map(|p| p.nodes.iter())
+        .filter(|n| !n.exited)
+}
+
+/// Places a waiting job on nodes; checked against the current state (the leader planned it
+/// from a view that may be a few entries old).
+pub fn place(table: &mut HaiTable<'_>, now: i64, op: PlaceOp) -> Result<(), Refusal> {
+    let mut job = need_job(table, op.job_id)?;
+    if !is_waiting(job.state()) || job.attempt != op.attempt {
+        return Err(refuse(
+            code::FAILED_PRECONDITION,
+            format!("job {} attempt {} is not waiting", job.id, op.attempt),
+        ));
+    }
+    let placement = op
+        .placement
+        .ok_or_else(|| refuse(code::INVALID_ARGUMENT, "no placement"))?;
+    let spec = job.spec.clone().unwrap_or_default();
+    if placement.nodes.len() != spec.nodes as usize {
+        return Err(refuse(
+            code::INVALID_ARGUMENT,
+            format!(
+                "job {} needs {} nodes, not {}",
+                job.id,
+                spec.nodes,
+                placement.nodes.len()
+            ),
+        ));
+    }
+    let want = Resources::of_job(&spec);
+    let active = jobs(table, false)?;
+    for (index, placed) in placement.nodes.iter().enumerate() {
+        if placement.nodes[..index]
+            .iter()
+            .any(|p| p.node == placed.node)
+        {
+            return Err(refuse(
+                code::INVALID_ARGUMENT,
+                format!("node {} twice", placed.node),
+            ));
+        }
+        let Some(record) = node(table, &placed.node)? else {
+            return Err(refuse(code::NOT_FOUND, format!("no node {}", placed.node)));
+        };
+        if record.state() != NodeState::Up || record.drain {
+            return Err(refuse(
+                code::FAILED_PRECONDITION,
+                format!("node {} takes no jobs now", placed.node),
+            ));
+        }
+        let mut free = Resources::of_node(&record);
+        for other in &active {
+            let spec = other.spec.clone().unwrap_or_default();
+            for held in held_nodes(other).filter(|h| h.node == placed.node) {
+                let _ = held;
+                free = free.minus(&Resources::of_job(&spec));
+            }
+        }
+        if !free.fits(&want) {
+            return Err(refuse(
+                code::FAILED_PRECONDITION,
+                format!(
+                    "node {} has not enough free for job {}",
+                    placed.node, job.id
+                ),
+            ));
+        }
+        if index == 0 {
+            let port = placement.master_port;
+            let in_use = active.iter().any(|other| {
+                other.placement.as_ref().is_some_and(|p| {
+                    p.master_port == port
+                        && p.nodes
+                            .first()
+                            .is_some_and(|n| n.node == placed.node && !n.exited)
+                })
+            });
+            if port < record.port_min || port > record.port_max || in_use {
+                return Err(refuse(
+                    code::FAILED_PRECONDITION,
+                    format!("port {port} on {} is not free", placed.node),
+                ));
+            }
+        }
+    }
+    job.placement = Some(placement);
+    job.state = JobState::Running as i32;
+    if job.started_ms == 0 {
+        job.started_ms = now;
+    }
+    job.attempt_started_ms = now;
+    job.stop_ms = 0;
+    job.requeue = false;
+    job.reason = String::new();
+    job.waiting_for.clear();
+    put_job(table, &job)
+}
+
+/// Every rank of `exit.job_id` on `node_name` has exited.
+pub fn exited(
+    table: &mut HaiTable<'_>,
+    now: i64,
+    node_name: &str,
+    exit: &RankExit,
+) -> Result<(), Refusal> {
+    let Some(mut job) = job(table, exit.job_id)? else {
+        return Ok(()); // Nothing to settle: an agent reporting a job this group never had.
+    };
+    if job.attempt != exit.attempt {
+        return Ok(()); // An earlier attempt, settled already.
+    }
+    let Some(placed) = job
+        .placement
+        .as_mut()
+        .and_then(|p| p.nodes.iter_mut().find(|n| n.node == node_name))
+    else {
+        return Ok(());
+    };
+    if placed.exited {
+        return Ok(()); // A repeated report.
+    }
+    placed.exited = true;
+    placed.exit_code = exit.exit_code;
+    placed.exit_detail = exit.detail.clone();
+    if job.state() == JobState::Running && exit.exit_code != 0 {
+        let spec = job.spec.clone().unwrap_or_default();
+        let requeue =
+            spec.restart() == RestartPolicy::OnFailure && job.restarts < spec.max_restarts;
+        begin_failing(
+            &mut job,
+            now,
+            requeue,
+            format!(
+                "ranks on node {node_name} exited with code {}{}",
+                exit.exit_code,
+                if exit.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", exit.detail)
+                }
+            ),
+        );
+    }
+    settle(&mut job, now);
+    put_job(table, &job)
+}
+
+fn begin_failing(job: &mut Job, now: i64, requeue: bool, reason: String) {
+    job.state = JobState::Failing as i32;
+    job.requeue = requeue;
+    job.stop_ms = now;
+    job.reason = reason;
+}
+
+/// Moves a job whose ranks have all exited to where it goes next: completed, requeued
+/// (suspended or pending with attempt + 1), failed or cancelled.
+fn settle(job: &mut Job, now: i64) {
+    let all_exited = job
+        .placement
+        .as_ref()
+        .is_some_and(|p| p.nodes.iter().all(|n| n.exited));
+    if !all_exited {
+        return;
+    }
+    let worst = job
+        .placement
+        .as_ref()
+        .and_then(|p| p.nodes.iter().map(|n| n.exit_code).find(|c| *c != 0))
+        .unwrap_or(0);
+    let requeue = |job: &mut Job, state: JobState, reason: String| {
+        job.earlier_run_ms += (now - job.attempt_started_ms).max(0);
+        job.state = state as i32;
+        job.attempt += 1;
+        job.placement = None;
+        job.stop_ms = 0;
+        job.reason = reason;
+    };
+    match job.state() {
+        JobState::Running => {
+            job.state = JobState::Completed as i32;
+            job.ended_ms = now;
+            job.reason = String::new();
+        }
+        JobState::Suspending => {
+            let how = if worst == 0 {
+                "checkpointed and exited".to_string()
+            } else {
+                format!("stopped with code {worst}")
+            };
+            let reason = format!("suspended ({}): {how}", job.reason);
+            requeue(job, JobState::Suspended, reason);
+        }
+        JobState::Cancelling => {
+            job.state = JobState::Cancelled as i32;
+            job.ended_ms = now;
+        }
+        JobState::Failing if job.requeue => {
+            job.restarts += 1;
+            let reason = format!("requeued after failure: {}", job.reason);
+            requeue(job, JobState::Pending, reason);
+        }
+        JobState::Failing => {
+            job.state = JobState::Failed as i32;
+            job.ended_ms = now;
+        }
+        _ => {}
+    }
+}
+
+/// Suspends or cancels a job (`by_admin` or its owner `caller`).
+pub fn stop(table: &mut HaiTable<'_>, now: i64, op: StopOp) -> Result<(), Refusal> {
+    let mut job = need_job(table, op.job_id)?;
+    let state = job.state();
+    match (op.kind(), state) {
+        (_, JobState::Completed | JobState::Failed | JobState::Cancelled) => {
+            return Err(refuse(
+                code::FAILED_PRECONDITION,
+                format!("job {} has ended ({})", job.id, state_name(state)),
+            ));
+        }
+        (StopKind::StopSuspend, JobState::Running) => {
+            job.state = JobState::Suspending as i32;
+            job.stop_ms = now;
+            job.reason = op.reason;
+        }
+        (StopKind::StopSuspend, _) => {
+            return Err(refuse(
+                code::FAILED_PRECONDITION,
+                format!("job {} is {}, not running", job.id, state_name(state)),
+            ));
+        }
+        (StopKind::StopCancel, JobState::Pending | JobState::Suspended) => {
+            job.state = JobState::Cancelled as i32;
+            job.ended_ms = now;
+            job.reason = op.reason;
+        }
+        (StopKind::StopCancel, _) => {
+            job.state = JobState::Cancelling as i32;
+            job.stop_ms = now;
+            job.reason = op.reason;
+        }
+    }
+    put_job(table, &job)
+}
+
+/// A node stops answering: it takes no jobs, and its jobs stop everywhere and go by their
+/// restart policy.
+pub fn node_down(
+    table: &mut HaiTable<'_>,
+    now: i64,
+    name: &str,
+    reason: &str,
+) -> Result<(), Refusal> {
+    let Some(mut record) = node(table, name)? else {
+        return Err(refuse(code::NOT_FOUND, format!("no node {name}")));
+    };
+    record.state = NodeState::Down as i32;
+    record.down_reason = reason.to_string();
+    put_node(table, &record)?;
+    for mut job in jobs(table, false)? {
+        let Some(placed) = job
+            .placement
+            .as_mut()
+            .and_then(|p| p.nodes.iter_mut().find(|n| n.node == name && !n.exited))
+        else {
+            continue;
+        };
+        placed.exited = true;
+        placed.exit_code = -1;
+        placed.exit_detail = format!("node {name} lost: {reason}");
+        if job.state() == JobState::Running {
+            let spec = job.spec.clone().unwrap_or_default();
+            let requeue =
+                spec.restart() != RestartPolicy::Never && job.restarts < spec.max_restarts;
+            begin_failing(
+                &mut job,
+                now,
+                requeue,
+                format!("node {name} lost: {reason}"),
+            );
+        }
+        settle(&mut job, now);
+        put_job(table, &job)?;
+    }
+    Ok(())
+}
+
+/// Drains or resumes a node.
+pub fn set_drain(table: &mut HaiTable<'_>, name: &str, drain: bool) -> Result<(), Refusal> {
+    let Some(mut record) = node(table, name)? else {
+        return Err(refuse(code::NOT_FOUND, format!("no node {name}")));
+    };
+    record.drain = drain;
+    put_node(table, &record)
+}
+
+/// Records why a job waits.
+pub fn set_reason(table: &mut HaiTable<'_>, id: u64, reason: String) -> Result<(), Refusal> {
+    let mut job = need_job(table, id)?;
+    if is_ended(job.state()) {
+        return Ok(());
+    }
+    job.reason = reason;
+    put_job(table, &job)
+}
+
+/// Adds a user under the SHA-256 of their token.
+pub fn add_user(table: &mut HaiTable<'_>, user: User, sha: &[u8]) -> Result<(), Refusal> {
+    let valid_name = !user.name.is_empty()
+        && user.name.len() <= 64
+        && user
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !valid_name || sha.len() != 32 {
+        return Err(refuse(
+            code::INVALID_ARGUMENT,
+            format!(
+                "user name {:?}: use 1-64 letters, digits, '-', '_' or '.'",
+                user.name
+            ),
+        ));
+    }
+    if users(table)?.iter().any(|u| u.name == user.name) || user.name == "admin" {
+        return Err(refuse(
+            code::ALREADY_EXISTS,
+            format!("user {} exists", user.name),
+        ));
+    }
+    let record = UserRecord {
+        user: Some(user),
+        token_sha256: sha.to_vec(),
+    };
+    table.insert(
+        key(USER_PREFIX, sha).as_slice(),
+        record.encode_to_vec().as_slice(),
+    )?;
+    Ok(())
+}
+
+/// A state's name as users see it.
+pub fn state_name(state: JobState) -> &'static str {
+    match state {
+        JobState::Pending => "pending",
+        JobState::Running => "running",
+        JobState::Suspending => "suspending",
+        JobState::Suspended => "suspended",
+        JobState::Cancelling => "cancelling",
+        JobState::Failing => "failing",
+        JobState::Completed => "completed",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}

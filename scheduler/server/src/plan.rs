@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use hai_proto::{Job, JobState, Node, NodeState, PlaceOp, PlacedNode, Placement, User};
 
-use crate::state::{Resources, held_nodes, is_waiting, ranks_per_node};
+use crate::state::{Demand, Resources, held_nodes, is_waiting, ranks_per_node};
 
 /// What the leader should do now.
 #[derive(Debug, Default, PartialEq)]
@@ -33,13 +33,6 @@ pub struct Plan {
     pub preempt: Vec<(u64, String)>,
     /// Why each waiting job not placed waits.
     pub reasons: Vec<(u64, String)>,
-}
-
-fn describe(want: &Resources, nodes: u32) -> String {
-    format!(
-        "{nodes} node(s) with {} GPU, {} CPU, {} MB free",
-        want.gpus, want.cpus, want.memory_mb
-    )
 }
 
 /// Free resources per node, as they are now and as they will be once stopping jobs are gone.
@@ -66,17 +59,21 @@ impl<'n> Capacity<'n> {
         let mut soon_free = free.clone();
         let mut ports: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
         for job in jobs {
-            let want = Resources::of_job(&job.spec.clone().unwrap_or_default());
+            let want = Demand::of(&job.spec.clone().unwrap_or_default());
             let stopping = matches!(
                 job.state(),
                 JobState::Suspending | JobState::Cancelling | JobState::Failing
             );
             for held in held_nodes(job) {
+                let Some(node) = usable.get(held.node.as_str()) else {
+                    continue;
+                };
+                let used = want.on(node);
                 if let Some(f) = free.get_mut(held.node.as_str()) {
-                    *f = f.minus(&want);
+                    *f = f.minus(&used);
                 }
                 if !stopping && let Some(f) = soon_free.get_mut(held.node.as_str()) {
-                    *f = f.minus(&want);
+                    *f = f.minus(&used);
                 }
             }
             if let Some(placement) = &job.placement
@@ -98,22 +95,25 @@ impl<'n> Capacity<'n> {
     }
 
     /// Usable nodes whose whole capacity covers `want`.
-    fn capable(&self, want: &Resources) -> usize {
+    fn capable(&self, want: &Demand) -> usize {
         self.nodes
             .values()
-            .filter(|n| Resources::of_node(n).fits(want))
+            .filter(|n| want.fits(n, &Resources::of_node(n)))
             .count()
     }
 
     /// Unreserved nodes where `want` fits in `room`, fullest first.
     fn fitting(
+        &self,
         room: &BTreeMap<&'n str, Resources>,
         reserved: &BTreeSet<String>,
-        want: &Resources,
+        want: &Demand,
     ) -> Vec<&'n str> {
         let mut fit: Vec<(&str, Resources)> = room
             .iter()
-            .filter(|(name, free)| !reserved.contains(**name) && free.fits(want))
+            .filter(|(name, free)| {
+                !reserved.contains(**name) && want.fits(self.nodes[**name], free)
+            })
             .map(|(name, free)| (*name, *free))
             .collect();
         fit.sort_by_key(|(name, free)| (free.gpus, free.cpus, free.memory_mb, *name));
@@ -146,7 +146,7 @@ pub fn plan(nodes: &[Node], jobs: &[Job], users: &[User]) -> Plan {
     let mut head: Option<u64> = None;
     for job in waiting {
         let spec = job.spec.clone().unwrap_or_default();
-        let want = Resources::of_job(&spec);
+        let want = Demand::of(&spec);
         let needed = spec.nodes as usize;
         let capable = capacity.capable(&want);
         if capable < needed {
@@ -154,7 +154,7 @@ pub fn plan(nodes: &[Node], jobs: &[Job], users: &[User]) -> Plan {
                 job.id,
                 format!(
                     "too large: needs {}; the cluster has {capable} such node(s) up",
-                    describe(&want, spec.nodes)
+                    want.describe(spec.nodes)
                 ),
             ));
             continue;
@@ -176,7 +176,7 @@ pub fn plan(nodes: &[Node], jobs: &[Job], users: &[User]) -> Plan {
                 continue;
             }
         }
-        let fitting = Capacity::fitting(&capacity.free, &reserved, &want);
+        let fitting = capacity.fitting(&capacity.free, &reserved, &want);
         if fitting.len() >= needed {
             let chosen: Vec<&str> = fitting[..needed].to_vec();
             let Some(port) = capacity.free_port(chosen[0]) else {
@@ -196,9 +196,10 @@ pub fn plan(nodes: &[Node], jobs: &[Job], users: &[User]) -> Plan {
                 })
                 .collect();
             for name in &chosen {
+                let used = want.on(capacity.nodes[name]);
                 for room in [&mut capacity.free, &mut capacity.soon_free] {
                     if let Some(f) = room.get_mut(name) {
-                        *f = f.minus(&want);
+                        *f = f.minus(&used);
                     }
                 }
             }
@@ -219,15 +220,15 @@ pub fn plan(nodes: &[Node], jobs: &[Job], users: &[User]) -> Plan {
             continue;
         }
         if let Some(head) = head {
-            let reason =
-                if Capacity::fitting(&capacity.free, &BTreeSet::new(), &want).len() >= needed {
-                    format!("waiting behind job {head}, which has its nodes reserved")
-                } else {
-                    format!(
-                        "waiting for resources: needs {}",
-                        describe(&want, spec.nodes)
-                    )
-                };
+            let reason = if capacity
+                .fitting(&capacity.free, &BTreeSet::new(), &want)
+                .len()
+                >= needed
+            {
+                format!("waiting behind job {head}, which has its nodes reserved")
+            } else {
+                format!("waiting for resources: needs {}", want.describe(spec.nodes))
+            };
             out.reasons.push((job.id, reason));
             continue;
         }
@@ -251,14 +252,14 @@ pub fn plan(nodes: &[Node], jobs: &[Job], users: &[User]) -> Plan {
 fn plan_head<'n>(
     jobs: &[Job],
     job: &Job,
-    want: &Resources,
+    want: &Demand,
     needed: usize,
     capacity: &mut Capacity<'n>,
     reserved: &mut BTreeSet<String>,
     out: &mut Plan,
 ) -> String {
     let priority = job.spec.as_ref().map_or(0, |s| s.priority);
-    let soon = Capacity::fitting(&capacity.soon_free, reserved, want);
+    let soon = capacity.fitting(&capacity.soon_free, reserved, want);
     if soon.len() >= needed {
         let nodes: BTreeSet<&str> = soon[..needed].iter().copied().collect();
         reserved.extend(nodes.iter().map(|n| n.to_string()));
@@ -289,53 +290,58 @@ fn plan_head<'n>(
         )
     });
     let mut room = capacity.soon_free.clone();
+    let nodes = capacity.nodes.clone();
     let release = |room: &mut BTreeMap<&'n str, Resources>, victim: &Job, add: bool| {
-        let theirs = Resources::of_job(&victim.spec.clone().unwrap_or_default());
+        let theirs = Demand::of(&victim.spec.clone().unwrap_or_default());
         for held in held_nodes(victim) {
-            if let Some(r) = room.get_mut(held.node.as_str()) {
-                *r = if add {
-                    r.plus(&theirs)
-                } else {
-                    r.minus(&theirs)
-                };
-            }
+            let (Some(r), Some(node)) = (
+                room.get_mut(held.node.as_str()),
+                nodes.get(held.node.as_str()),
+            ) else {
+                continue;
+            };
+            let used = theirs.on(node);
+            *r = if add { r.plus(&used) } else { r.minus(&used) };
         }
     };
     let mut chosen: Vec<&Job> = Vec::new();
     for victim in victims {
-        if Capacity::fitting(&room, reserved, want).len() >= needed {
+        if capacity.fitting(&room, reserved, want).len() >= needed {
             break;
         }
         release(&mut room, victim, true);
         chosen.push(victim);
     }
-    if Capacity::fitting(&room, reserved, want).len() < needed {
-        let fitting_now = Capacity::fitting(&capacity.free, reserved, want).len();
+    if capacity.fitting(&room, reserved, want).len() < needed {
+        let fitting_now = capacity.fitting(&capacity.free, reserved, want).len();
         // Reserve the nodes with the most room, so that backfill does not take them.
         let mut by_room: Vec<(&str, Resources)> = capacity
             .soon_free
             .iter()
-            .filter(|(name, _)| Resources::of_node(capacity.nodes[**name]).fits(want))
+            .filter(|(name, _)| {
+                let node = capacity.nodes[**name];
+                want.fits(node, &Resources::of_node(node))
+            })
             .map(|(n, r)| (*n, *r))
             .collect();
         by_room.sort_by_key(|(name, r)| (std::cmp::Reverse((r.gpus, r.cpus, r.memory_mb)), *name));
         reserved.extend(by_room.iter().take(needed).map(|(n, _)| n.to_string()));
         return format!(
             "waiting for resources: needs {}; {fitting_now} free now",
-            describe(want, needed as u32)
+            want.describe(needed as u32)
         );
     }
     // Prune: a victim whose release is not needed keeps running.
     for index in (0..chosen.len()).rev() {
         let mut without = room.clone();
         release(&mut without, chosen[index], false);
-        if Capacity::fitting(&without, reserved, want).len() >= needed {
+        if capacity.fitting(&without, reserved, want).len() >= needed {
             room = without;
             chosen.remove(index);
         }
     }
-    let nodes = Capacity::fitting(&room, reserved, want);
-    reserved.extend(nodes[..needed].iter().map(|n| n.to_string()));
+    let chosen_nodes = capacity.fitting(&room, reserved, want);
+    reserved.extend(chosen_nodes[..needed].iter().map(|n| n.to_string()));
     let ids: Vec<String> = chosen.iter().map(|j| j.id.to_string()).collect();
     for victim in &chosen {
         out.preempt.push((
@@ -425,6 +431,17 @@ mod tests {
     }
 
     #[test]
+    fn a_job_asking_for_nothing_takes_whole_nodes() {
+        let nodes = [node("a", 4), node("b", 4)];
+        let sharing = running(job(1, "x", 1, 1, 0), &["a"], 100);
+        let plan1 = plan(&nodes, &[sharing.clone(), job(2, "u", 1, 0, 0)], &[]);
+        assert_eq!(placed_on(&plan1, 2), ["b"], "a is partly used: {plan1:?}");
+        let whole = running(job(2, "u", 1, 0, 0), &["b"], 100);
+        let plan2 = plan(&nodes, &[sharing, whole, job(3, "v", 1, 1, 0)], &[]);
+        assert_eq!(placed_on(&plan2, 3), ["a"], "b is taken whole: {plan2:?}");
+    }
+
+    #[test]
     fn gangs_are_placed_whole_with_ranks_numbered_across_nodes() {
         let nodes = [node("a", 4), node("b", 4)];
         let mut two = job(1, "u", 2, 2, 0);
@@ -504,6 +521,14 @@ mod tests {
         assert_eq!(plan.preempt.len(), 1, "{plan:?}");
         assert_eq!(plan.preempt[0].0, 2);
         assert!(reason(&plan, 3).contains("preempting job(s) 2"), "{plan:?}");
+    }
+
+    #[test]
+    fn whole_node_jobs_are_preempted_for_whole_node_jobs() {
+        let nodes = [node("a", 2), node("b", 2)];
+        let low = running(job(1, "x", 2, 0, 0), &["a", "b"], 100);
+        let plan = plan(&nodes, &[low, job(2, "u", 2, 0, 10)], &[]);
+        assert_eq!(plan.preempt.len(), 1, "{plan:?}");
     }
 
     #[test]

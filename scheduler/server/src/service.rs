@@ -30,7 +30,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::machine::HaiMachine;
 use crate::metrics::HaiMetrics;
 use crate::plan::plan;
-use crate::state::{self, held_nodes, ranks_per_node, validate_spec};
+use crate::state::{self, Demand, held_nodes, ranks_per_node, validate_spec};
 
 /// How long a token's identity is cached.
 const IDENTITY_TTL: Duration = Duration::from_secs(10);
@@ -464,10 +464,10 @@ impl Hai for HaiApi {
             let mut usage = NodeUse::default();
             for job in &result.jobs {
                 if held_nodes(job).any(|h| h.node == node.name) {
-                    let spec = job.spec.clone().unwrap_or_default();
-                    usage.gpus += spec.gpus_per_node;
-                    usage.cpus += spec.cpus_per_node;
-                    usage.memory_mb += spec.memory_mb_per_node;
+                    let used = Demand::of(&job.spec.clone().unwrap_or_default()).on(&node);
+                    usage.gpus += used.gpus;
+                    usage.cpus += used.cpus;
+                    usage.memory_mb += used.memory_mb;
                     usage.jobs.push(job.id);
                 }
             }

@@ -425,6 +425,49 @@ impl Resources {
     }
 }
 
+/// What a job takes on one node: what its spec asks, or — asking for nothing — the whole node
+/// (node-exclusive jobs, HAI's unit of allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demand(Resources);
+
+impl Demand {
+    /// The demand of `spec`.
+    pub fn of(spec: &JobSpec) -> Demand {
+        Demand(Resources::of_job(spec))
+    }
+
+    /// Whether it takes whole nodes.
+    pub fn exclusive(&self) -> bool {
+        self.0 == Resources::default()
+    }
+
+    /// What it takes on `node`.
+    pub fn on(&self, node: &Node) -> Resources {
+        if self.exclusive() {
+            Resources::of_node(node)
+        } else {
+            self.0
+        }
+    }
+
+    /// Whether it fits in `free` on `node`.
+    pub fn fits(&self, node: &Node, free: &Resources) -> bool {
+        free.fits(&self.on(node))
+    }
+
+    /// As words, for `nodes` nodes.
+    pub fn describe(&self, nodes: u32) -> String {
+        if self.exclusive() {
+            format!("{nodes} whole node(s)")
+        } else {
+            format!(
+                "{nodes} node(s) with {} GPU, {} CPU, {} MB free",
+                self.0.gpus, self.0.cpus, self.0.memory_mb
+            )
+        }
+    }
+}
+
 /// Nodes of `job` that still hold its resources.
 pub fn held_nodes(job: &Job) -> impl Iterator<Item = &PlacedNode> {
     job.placement
@@ -458,7 +501,7 @@ pub fn place(table: &mut HaiTable<'_>, now: i64, op: PlaceOp) -> Result<(), Refu
             ),
         ));
     }
-    let want = Resources::of_job(&spec);
+    let want = Demand::of(&spec);
     let active = jobs(table, false)?;
     for (index, placed) in placement.nodes.iter().enumerate() {
         if placement.nodes[..index]
@@ -481,13 +524,12 @@ pub fn place(table: &mut HaiTable<'_>, now: i64, op: PlaceOp) -> Result<(), Refu
         }
         let mut free = Resources::of_node(&record);
         for other in &active {
-            let spec = other.spec.clone().unwrap_or_default();
-            for held in held_nodes(other).filter(|h| h.node == placed.node) {
-                let _ = held;
-                free = free.minus(&Resources::of_job(&spec));
+            let theirs = Demand::of(&other.spec.clone().unwrap_or_default());
+            if held_nodes(other).any(|h| h.node == placed.node) {
+                free = free.minus(&theirs.on(&record));
             }
         }
-        if !free.fits(&want) {
+        if !want.fits(&record, &free) {
             return Err(refuse(
                 code::FAILED_PRECONDITION,
                 format!(

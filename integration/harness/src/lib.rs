@@ -3,12 +3,14 @@
 //! - [`process`]: one supervised child process (start, SIGTERM with grace, SIGKILL, log file).
 //! - [`ports`]: finding free loopback ports, refusing ports already in use.
 //! - [`fs3`]: a local fs3 cluster (mgmtd replicas and storage daemons as processes).
+//! - [`hai`]: a local hai cluster (server replicas and node agents as processes).
 //! - [`tmpfs`]: a small tmpfs, for disks that fill up on purpose.
 //!
 //! Errors here are reported to the person running a test or demo, so they are `anyhow`
 //! errors carrying context rather than typed errors for a caller to match on.
 
 pub mod fs3;
+pub mod hai;
 pub mod ports;
 pub mod process;
 pub mod tmpfs;

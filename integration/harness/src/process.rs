@@ -17,6 +17,8 @@ pub struct ChildProcess {
     binary: PathBuf,
     args: Vec<OsString>,
     log_path: PathBuf,
+    /// Extra environment.
+    env: Vec<(String, String)>,
     // A mutex so that readiness probes holding `&self` can notice an early exit.
     child: Mutex<Option<Child>>,
 }
@@ -35,8 +37,14 @@ impl ChildProcess {
             binary: binary.into(),
             args: args.into_iter().map(Into::into).collect(),
             log_path: log_path.into(),
+            env: Vec::new(),
             child: Mutex::new(None),
         }
+    }
+
+    /// Extra environment for every later start.
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
     }
 
     /// The name given at creation.
@@ -77,6 +85,7 @@ impl ChildProcess {
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", self.log_path.display()))?;
         let child = Command::new(&self.binary)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -106,6 +106,7 @@ fn job_json(job: &Job) -> serde_json::Value {
         })).collect::<Vec<_>>()),
         "master": job.placement.as_ref().map(|p| format!("{}:{}", p.master_addr, p.master_port)),
         "reason": job.reason,
+        "last_stop": job.last_stop,
         "command": spec.command,
         "nodes_wanted": spec.nodes,
         "gpus_per_node": spec.gpus_per_node,

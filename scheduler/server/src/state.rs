@@ -646,6 +646,7 @@ fn settle(job: &mut Job, now: i64) {
         job.attempt += 1;
         job.placement = None;
         job.stop_ms = 0;
+        job.last_stop = reason.clone();
         job.reason = reason;
     };
     match job.state() {

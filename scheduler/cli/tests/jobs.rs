@@ -1,0 +1,134 @@
+//! hai as a user meets it, on 3 servers and 2 agents (real processes on loopback): jobs run to
+//! completion as gangs with the scheduler's environment, wait with a reason when they cannot
+//! run, fail with their exit code, are cancelled; another user's cancel is refused; drained
+//! nodes take nothing; malformed input gets a clear error.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
+    let (dir, mut cluster) = cluster(3, 2, 2).await;
+
+    // A 2-node gang: every rank runs with the scheduler's environment; logs per rank.
+    let gang = submit(
+        &cluster,
+        None,
+        &[
+            "--name",
+            "hello",
+            "--nodes",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo rank $RANK of $WORLD_SIZE local $LOCAL_RANK/$LOCAL_WORLD_SIZE on $HAI_NODE job $HAI_JOB_ID attempt $HAI_ATTEMPT master $MASTER_ADDR:$MASTER_PORT",
+        ],
+    );
+    let done = wait_state(&cluster, gang, "completed", Duration::from_secs(30)).await;
+    assert_eq!(done["nodes"].as_array().unwrap().len(), 2, "{done}");
+    let logs = ok(&cluster, None, &["logs", &gang.to_string()]);
+    for rank in 0..2 {
+        assert!(
+            logs.contains(&format!("rank {rank} of 2 local 0/1 on node-{}", rank + 1))
+                && logs.contains(&format!("job {gang} attempt 0 master 127.0.0.1:")),
+            "{logs}"
+        );
+    }
+    let one = ok(&cluster, None, &["logs", &gang.to_string(), "--rank", "1"]);
+    assert!(
+        one.contains("rank 1 of 2") && !one.contains("rank 0 of 2"),
+        "{one}"
+    );
+
+    // Too large for the cluster: waits, saying why.
+    let large = submit(&cluster, None, &["--nodes", "3", "--", "true"]);
+    let waiting = wait_job(&cluster, large, Duration::from_secs(10), "explained", |j| {
+        j["reason"].as_str().unwrap_or("").contains("too large")
+    })
+    .await;
+    assert_eq!(waiting["state"], "pending");
+    let table = ok(&cluster, None, &["jobs"]);
+    assert!(
+        table.contains("ID") && table.contains("REASON") && table.contains("too large"),
+        "{table}"
+    );
+    ok(&cluster, None, &["cancel", &large.to_string()]);
+    wait_state(&cluster, large, "cancelled", Duration::from_secs(10)).await;
+
+    // A failing rank fails the job with its code.
+    let failing = submit(
+        &cluster,
+        None,
+        &["--restart", "never", "--", "sh", "-c", "exit 7"],
+    );
+    let failed = wait_state(&cluster, failing, "failed", Duration::from_secs(30)).await;
+    assert!(
+        failed["reason"].as_str().unwrap().contains("code 7"),
+        "{failed}"
+    );
+
+    // Cancel a running job: SIGTERM, and it is gone within its grace.
+    let sleeper = submit(&cluster, None, &["--grace", "2s", "--", "sleep", "300"]);
+    wait_state(&cluster, sleeper, "running", Duration::from_secs(30)).await;
+    ok(&cluster, None, &["cancel", &sleeper.to_string()]);
+    wait_state(&cluster, sleeper, "cancelled", Duration::from_secs(10)).await;
+    let again = refused(&cluster, None, &["cancel", &sleeper.to_string()]);
+    assert!(again.contains("has ended"), "{again}");
+
+    // Users: another user's job may not be cancelled by them; the owner or an admin may.
+    let alice = ok(&cluster, None, &["admin", "user", "add", "alice"]);
+    let bob = ok(&cluster, None, &["admin", "user", "add", "bob"]);
+    let (alice, bob) = (alice.trim(), bob.trim());
+    assert_eq!(ok(&cluster, Some(alice), &["whoami"]).trim(), "alice");
+    let hers = submit(
+        &cluster,
+        Some(alice),
+        &["--grace", "1s", "--", "sleep", "300"],
+    );
+    let denied = refused(&cluster, Some(bob), &["cancel", &hers.to_string()]);
+    assert!(denied.contains("belongs to alice"), "{denied}");
+    let denied = refused(&cluster, Some(bob), &["drain", "node-1"]);
+    assert!(denied.contains("not an administrator"), "{denied}");
+    ok(&cluster, Some(alice), &["cancel", &hers.to_string()]);
+    wait_state(&cluster, hers, "cancelled", Duration::from_secs(15)).await;
+    let anonymous = refused(&cluster, Some("not-a-token"), &["jobs"]);
+    assert!(anonymous.contains("unknown token"), "{anonymous}");
+
+    // Drained nodes take nothing; resumed, they do.
+    ok(&cluster, None, &["drain", "node-1"]);
+    let blocked = submit(&cluster, None, &["--nodes", "2", "--", "true"]);
+    wait_job(
+        &cluster,
+        blocked,
+        Duration::from_secs(10),
+        "explained",
+        |j| j["reason"].as_str().unwrap_or("").contains("too large"),
+    )
+    .await;
+    let nodes = ok(&cluster, None, &["nodes"]);
+    assert!(nodes.contains("draining"), "{nodes}");
+    ok(&cluster, None, &["resume", "node-1"]);
+    wait_state(&cluster, blocked, "completed", Duration::from_secs(30)).await;
+
+    // Malformed input: clear errors, nothing queued.
+    let before = ok(&cluster, None, &["jobs", "--all", "--json"]);
+    let zero = refused(&cluster, None, &["submit", "--nodes", "0", "--", "true"]);
+    assert!(zero.contains("nodes"), "{zero}");
+    let negative = refused(&cluster, None, &["submit", "--nodes", "-2", "--", "true"]);
+    assert!(negative.contains("-2"), "{negative}");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "command = [\"true\"]\nnodez = 1\n").unwrap();
+    let unknown = refused(&cluster, None, &["submit", file.to_str().unwrap()]);
+    assert!(unknown.contains("unknown field"), "{unknown}");
+    let missing = refused(&cluster, None, &["show", "9999"]);
+    assert!(missing.contains("no job 9999"), "{missing}");
+    assert_eq!(ok(&cluster, None, &["jobs", "--all", "--json"]), before);
+
+    cluster.stop_all().await;
+}

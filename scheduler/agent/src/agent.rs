@@ -328,7 +328,12 @@ impl NodeAgent {
             tokio::select! {
                 () = &mut stop => break,
                 Some(update) = assignments.recv() => self.reconcile(update),
-                _ = tick.tick() => self.poll(),
+                _ = tick.tick() => {
+                    // Exits are reported at once: the node's resources are free only then.
+                    if self.poll() {
+                        self.heartbeat().await;
+                    }
+                }
                 _ = heartbeat.tick() => self.heartbeat().await,
             }
         }
@@ -536,9 +541,11 @@ impl NodeAgent {
         ))
     }
 
-    /// Checks every attempt; forgets those reported and no longer assigned.
-    fn poll(&mut self) {
+    /// Checks every attempt; forgets those reported and no longer assigned. Whether an attempt
+    /// ended since the last check.
+    fn poll(&mut self) -> bool {
         let grace = self.config.stop_grace.get();
+        let mut ended = false;
         for attempt in self.attempts.values_mut() {
             attempt.poll(grace);
             if attempt.record.exit.is_none()
@@ -551,6 +558,7 @@ impl NodeAgent {
                     "ranks ended"
                 );
                 attempt.record.exit = Some(outcome);
+                ended = true;
                 let _ = rank::save(&attempt.dir, &attempt.record);
             }
         }
@@ -565,6 +573,7 @@ impl NodeAgent {
                 let _ = std::fs::remove_dir_all(&attempt.dir);
             }
         }
+        ended
     }
 
     /// Tells the leader this node lives, what runs, and what ended.

@@ -48,7 +48,7 @@ impl Connect {
             .filter(|s| !s.is_empty())
             .collect();
         let options = ff_rpc::ClientOptions {
-            total_timeout: std::time::Duration::from_secs(20),
+            total_timeout: std::time::Duration::from_secs(10),
             ..ff_rpc::ClientOptions::default()
         };
         let leader = ff_rpc::LeaderClient::new(servers, options)

@@ -1,5 +1,6 @@
 //! `hai`: the scheduler's one binary — its server and agent daemons and the job CLI.
 
+mod bench;
 mod client;
 mod jobfile;
 mod show;
@@ -94,6 +95,8 @@ enum Cmd {
     },
     /// Who the token acts as.
     Whoami,
+    /// Start a local cluster and measure submission rate, start latency and failover.
+    Bench(bench::BenchArgs),
     /// Users and tokens.
     Admin {
         #[command(subcommand)]
@@ -164,7 +167,17 @@ fn main() {
     if let Cmd::RankExec { exit_file, command } = &cli.command {
         std::process::exit(hai_agent::rank::rank_exec(exit_file, command));
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Daemons and the benchmark want every core; a CLI call is one request, and a thread
+    // pool would cost more to start than the call takes.
+    let daemon = matches!(cli.command, Cmd::Server(_) | Cmd::Agent(_) | Cmd::Bench(_));
+    let runtime = if daemon {
+        tokio::runtime::Runtime::new()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("hai: cannot start: {error}");
@@ -225,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Nodes { json } => show::nodes(&connect.client()?, json).await,
         Cmd::Drain { node } => connect.client()?.set_drain(&node, true).await,
         Cmd::Resume { node } => connect.client()?.set_drain(&node, false).await,
+        Cmd::Bench(args) => bench::run(args).await,
         Cmd::Whoami => {
             let user = connect.client()?.who_am_i().await?;
             println!("{}{}", user.name, if user.admin { " (admin)" } else { "" });

@@ -239,6 +239,14 @@ pub async fn logs(
             name.ends_with(".log") && rank.is_none_or(|r| name == format!("rank-{r}.log"))
         })
         .collect();
+    let mut files = files;
+    // In rank order.
+    files.sort_by_key(|p| {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.strip_prefix("rank-"))
+            .and_then(|r| r.parse::<u32>().ok())
+    });
     if files.is_empty() {
         bail!(
             "no logs of job {id} attempt {attempt} under {} (is the log directory shared with this machine?)",

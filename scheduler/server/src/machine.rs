@@ -40,7 +40,6 @@ fn apply_op(
         Op::Stop(op) => state::stop(table, now, op)?,
         Op::NodeDown(op) => state::node_down(table, now, &op.node, &op.reason)?,
         Op::SetDrain(op) => state::set_drain(table, &op.node, op.drain)?,
-        Op::SetReason(op) => state::set_reason(table, op.job_id, op.reason)?,
         Op::AddUser(op) => state::add_user(table, op.user.unwrap_or_default(), &op.token_sha256)?,
     }
     Ok(result)

@@ -1,7 +1,8 @@
 //! The scheduling policy, as a pure function of the state: what to place, whom to preempt, and
 //! why every other waiting job waits. The leader's loop ([`crate::service`]) turns the plan into
 //! commands; each is checked again when applied, so a plan made from a slightly old view is
-//! safe.
+//! safe. The reasons are never written: any replica answering a query runs the same function
+//! over its state.
 //!
 //! Policy:
 //! - Waiting jobs (pending, or suspended and requeued) go by priority, then submission order (a

@@ -20,8 +20,8 @@ use hai_proto::{
     Action, AddUserOp, AddUserReply, AddUserRequest, Assignment, Assignments, Command,
     CommandResult, Empty, ExitedOp, HeartbeatReply, HeartbeatRequest, Job, JobRequest, JobState,
     ListJobsReply, ListJobsRequest, ListNodesReply, ListUsersReply, Node, NodeDownOp, NodeState,
-    NodeUse, Query, QueryResult, SetDrainOp, SetDrainRequest, SetReasonOp, StopKind, StopOp,
-    SubmitOp, SubmitReply, SubmitRequest, User, WatchRequest, command, query,
+    NodeUse, Query, QueryResult, SetDrainOp, SetDrainRequest, StopKind, StopOp, SubmitOp,
+    SubmitReply, SubmitRequest, User, WatchRequest, command, query,
 };
 use tokio::sync::{Notify, watch};
 use tokio_stream::Stream;
@@ -30,7 +30,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::machine::HaiMachine;
 use crate::metrics::HaiMetrics;
 use crate::plan::plan;
-use crate::state::{self, Demand, held_nodes, ranks_per_node, validate_spec};
+use crate::state::{self, Demand, held_nodes, is_waiting, ranks_per_node, validate_spec};
 
 /// How long a token's identity is cached.
 const IDENTITY_TTL: Duration = Duration::from_secs(10);
@@ -38,6 +38,9 @@ const IDENTITY_TTL: Duration = Duration::from_secs(10);
 const IDENTITY_CAPACITY: usize = 4096;
 /// A watch stream sends its assignments at least this often, changed or not.
 const WATCH_KEEPALIVE: Duration = Duration::from_secs(5);
+/// Least time between two scheduling rounds (a storm of submissions costs a round per gap,
+/// not one per submission).
+const ROUND_GAP: Duration = Duration::from_millis(10);
 /// Assignment messages queued per watch stream.
 const WATCH_QUEUE: usize = 4;
 
@@ -214,14 +217,17 @@ impl HaiApi {
     }
 
     async fn job(&self, id: u64) -> Result<Job, Status> {
-        self.read(Query {
-            op: Some(query::Op::Job(JobRequest { job_id: id })),
-        })
-        .await?
-        .jobs
-        .into_iter()
-        .next()
-        .ok_or_else(|| Status::not_found(format!("no job {id}")))
+        let jobs = self
+            .read(Query {
+                op: Some(query::Op::Job(JobRequest { job_id: id })),
+            })
+            .await?
+            .jobs;
+        self.explained(jobs)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))
     }
 
     async fn stop(
@@ -251,6 +257,41 @@ impl HaiApi {
         }))
         .await?;
         Ok(Response::new(Empty {}))
+    }
+
+    /// What the policy plans from, as this replica has applied it: nodes with the jobs not
+    /// ended, and users.
+    async fn scheduling_view(&self) -> Result<(QueryResult, Vec<User>), Status> {
+        let view = self
+            .read_local(Query {
+                op: Some(query::Op::Nodes(Empty {})),
+            })
+            .await?;
+        let users = self
+            .read_local(Query {
+                op: Some(query::Op::User(Vec::new())),
+            })
+            .await?
+            .users;
+        Ok((view, users))
+    }
+
+    /// `jobs` with the reason each waiting one waits: the scheduling policy run over this
+    /// replica's state (reasons are derived, never written to the log).
+    async fn explained(&self, mut jobs: Vec<Job>) -> Result<Vec<Job>, Status> {
+        if !jobs.iter().any(|j| is_waiting(j.state())) {
+            return Ok(jobs);
+        }
+        let (view, users) = self.scheduling_view().await?;
+        let plan = plan(&view.nodes, &view.jobs, &users);
+        let reasons: HashMap<u64, String> = plan.reasons.into_iter().collect();
+        for job in jobs.iter_mut().filter(|j| is_waiting(j.state())) {
+            job.reason = reasons
+                .get(&job.id)
+                .cloned()
+                .unwrap_or_else(|| "starting: its nodes are free".to_string());
+        }
+        Ok(jobs)
     }
 
     /// The assignments of node `name` in the state `jobs`.
@@ -303,17 +344,7 @@ impl HaiApi {
             let last = beats.get(name).copied().unwrap_or(since).max(since);
             (last.elapsed() > lease).then(|| last.elapsed())
         };
-        let view = self
-            .read_local(Query {
-                op: Some(query::Op::Nodes(Empty {})),
-            })
-            .await?;
-        let users = self
-            .read_local(Query {
-                op: Some(query::Op::User(Vec::new())),
-            })
-            .await?
-            .users;
+        let (view, users) = self.scheduling_view().await?;
         self.inner.metrics.set_state(&view.jobs, &view.nodes);
         for node in view.nodes.iter().filter(|n| n.state() == NodeState::Up) {
             if let Some(quiet) = silent(&node.name) {
@@ -357,16 +388,6 @@ impl HaiApi {
                 Err(error) => return Err(error),
             }
         }
-        for (job_id, reason) in plan.reasons {
-            let unchanged = view
-                .jobs
-                .iter()
-                .any(|j| j.id == job_id && j.reason == reason);
-            if !unchanged {
-                self.propose(command::Op::SetReason(SetReasonOp { job_id, reason }))
-                    .await?;
-            }
-        }
         Ok(())
     }
 
@@ -377,6 +398,8 @@ impl HaiApi {
             if let Err(error) = self.schedule_once().await {
                 tracing::debug!(%error, "scheduling round failed; trying again");
             }
+            // Wakes that come during a round are served by one more round, not one each.
+            tokio::time::sleep(ROUND_GAP).await;
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = self.inner.wake.notified() => {}
@@ -431,7 +454,9 @@ impl Hai for HaiApi {
                 op: Some(query::Op::Jobs(ListJobsRequest { all })),
             })
             .await?;
-        Ok(Response::new(ListJobsReply { jobs: result.jobs }))
+        Ok(Response::new(ListJobsReply {
+            jobs: self.explained(result.jobs).await?,
+        }))
     }
 
     async fn get_job(&self, request: Request<JobRequest>) -> Result<Response<Job>, Status> {

@@ -768,16 +768,6 @@ pub fn set_drain(table: &mut HaiTable<'_>, name: &str, drain: bool) -> Result<()
     put_node(table, &record)
 }
 
-/// Records why a job waits.
-pub fn set_reason(table: &mut HaiTable<'_>, id: u64, reason: String) -> Result<(), Refusal> {
-    let mut job = need_job(table, id)?;
-    if is_ended(job.state()) {
-        return Ok(());
-    }
-    job.reason = reason;
-    put_job(table, &job)
-}
-
 /// Adds a user under the SHA-256 of their token.
 pub fn add_user(table: &mut HaiTable<'_>, user: User, sha: &[u8]) -> Result<(), Refusal> {
     let valid_name = !user.name.is_empty()

@@ -10,12 +10,11 @@ mod common;
 
 use std::io::Write as _;
 use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ff_harness::ChildProcess;
-use ff_harness::fs3::Fs3Cluster;
+use ff_harness::fs3::{Fs3Cluster, Mount};
 
 /// Whether FUSE can be used here; outside CI a missing /dev/fuse skips with a reason.
 fn fuse_available() -> bool {
@@ -30,75 +29,9 @@ fn fuse_available() -> bool {
     ok
 }
 
-/// A running `fs3 mount`; dropping it unmounts (lazily, in case the daemon died).
-struct Mounted {
-    process: ChildProcess,
-    point: PathBuf,
-}
-
-impl Mounted {
-    async fn start(cluster: &Fs3Cluster, point: &Path, log: &Path) -> Mounted {
-        std::fs::create_dir_all(point).unwrap();
-        let mut process = ChildProcess::new(
-            "fs3-mount",
-            env!("CARGO_BIN_EXE_fs3"),
-            [
-                "mount".to_string(),
-                point.display().to_string(),
-                "-o".to_string(),
-                "allow_other".to_string(),
-                "--mgmtd".to_string(),
-                cluster.mgmtd_endpoints().join(","),
-                "--token-file".to_string(),
-                cluster.admin_token_path().display().to_string(),
-            ],
-            log,
-        );
-        process.spawn().unwrap();
-        let mounted = Mounted {
-            process,
-            point: point.to_path_buf(),
-        };
-        mounted.wait_mounted().await;
-        mounted
-    }
-
-    async fn wait_mounted(&self) {
-        let point = std::fs::canonicalize(&self.point).unwrap();
-        ff_harness::wait_for(
-            "the FUSE mount",
-            Duration::from_secs(30),
-            Duration::from_millis(50),
-            || async {
-                self.process
-                    .check_running()
-                    .map_err(ff_harness::NotReady::Failed)?;
-                let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-                let wanted = point.display().to_string();
-                if info
-                    .lines()
-                    .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
-                {
-                    Ok(())
-                } else {
-                    Err("not mounted yet".to_string().into())
-                }
-            },
-        )
-        .await
-        .unwrap();
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.point, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
 /// A cluster with meta in a fresh directory, mounted at `DIR/mnt` (log `DIR/mount.log`); None
 /// (with a printed reason) where FUSE cannot run outside CI.
-async fn mounted_cluster() -> Option<(tempfile::TempDir, Fs3Cluster, Mounted)> {
+async fn mounted_cluster() -> Option<(tempfile::TempDir, Fs3Cluster, Mount)> {
     if !fuse_available() {
         return None;
     }
@@ -106,12 +39,13 @@ async fn mounted_cluster() -> Option<(tempfile::TempDir, Fs3Cluster, Mounted)> {
     let mut spec = common::spec(dir.path(), 1, 3);
     spec.meta_replicas = 1;
     let cluster = common::start(spec).await;
-    let mount = Mounted::start(
+    let mount = Mount::start(
         &cluster,
         &dir.path().join("mnt"),
         &dir.path().join("mount.log"),
     )
-    .await;
+    .await
+    .unwrap();
     Some((dir, cluster, mount))
 }
 
@@ -325,7 +259,7 @@ async fn posix_semantics_match_a_local_directory() {
     // The comparison directory is on the machine's ext4 root file system.
     let local_dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let local = local_dir.path().to_path_buf();
-    let fs3 = mount.point.join("diff");
+    let fs3 = mount.point().join("diff");
     std::fs::create_dir(&fs3).unwrap();
 
     for seed in [1u64, 2, 3] {
@@ -545,7 +479,7 @@ async fn large_files_trees_and_concurrency() {
     let Some((dir, mut cluster, mount)) = mounted_cluster().await else {
         return;
     };
-    let mnt = mount.point.clone();
+    let mnt = mount.point().to_path_buf();
 
     // 256 MiB of random bytes: dd in, cp out, cmp and sha256 through the mount.
     let source = dir.path().join("random.bin");
@@ -632,7 +566,7 @@ async fn storage_and_fuse_daemons_die_under_the_mount() {
         return;
     };
     let log = dir.path().join("mount.log");
-    let mnt = mount.point.clone();
+    let mnt = mount.point().to_path_buf();
 
     // A file to read while a storage daemon dies, and a write stream at the same time.
     let source = dir.path().join("random.bin");
@@ -691,7 +625,7 @@ async fn storage_and_fuse_daemons_die_under_the_mount() {
         "{refused:?}"
     );
     nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH).unwrap();
-    let remounted = Mounted::start(&cluster, &mnt, &log).await;
+    let remounted = Mount::start(&cluster, &mnt, &log).await.unwrap();
     assert_eq!(
         std::fs::read(mnt.join("synced.txt")).unwrap(),
         b"durable bytes"

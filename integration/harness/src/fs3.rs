@@ -438,6 +438,34 @@ impl Fs3Cluster {
             .ok_or_else(|| anyhow::anyhow!("no meta replica {id}"))
     }
 
+    /// Every process of the cluster.
+    pub fn processes(&self) -> Vec<crate::ProcessInfo> {
+        let metrics = |name: &str| self.metrics.get(name).cloned().unwrap_or_default();
+        let mut out = Vec::new();
+        let groups = [
+            ("mgmtd", &self.mgmtd),
+            ("storage", &self.storage),
+            ("meta", &self.meta),
+        ];
+        for (role, processes) in groups {
+            for (id, process) in processes {
+                let address = match role {
+                    "mgmtd" => self.spec.mgmtd_addr(*id),
+                    "storage" => self.spec.storage_addr(*id),
+                    _ => self.spec.meta_addr(*id),
+                };
+                out.push(crate::ProcessInfo {
+                    role: role.to_string(),
+                    name: process.name().to_string(),
+                    pid: process.pid(),
+                    address,
+                    metrics: metrics(process.name()),
+                });
+            }
+        }
+        out
+    }
+
     /// What the cluster was started from.
     pub fn spec(&self) -> &Fs3ClusterSpec {
         &self.spec
@@ -758,4 +786,87 @@ pub fn state_in(routing: &RoutingInfo, target: u64) -> Option<PublicState> {
         .flat_map(|c| c.targets.iter())
         .find(|t| t.target_id == target)
         .map(|t| t.state())
+}
+
+/// A running `fs3 mount` of a cluster; dropping it unmounts (lazily, in case the daemon died).
+#[derive(Debug)]
+pub struct Mount {
+    /// The FUSE daemon.
+    pub process: ChildProcess,
+    point: PathBuf,
+}
+
+impl Mount {
+    /// Mounts `cluster` at `point` (created if missing) with `allow_other` and the
+    /// administrator's token, logging to `log`; waits until the kernel lists the mount.
+    pub async fn start(
+        cluster: &Fs3Cluster,
+        point: &std::path::Path,
+        log: &std::path::Path,
+    ) -> anyhow::Result<Mount> {
+        std::fs::create_dir_all(point)?;
+        let mut process = ChildProcess::new(
+            "fs3-mount",
+            &cluster.spec.binary,
+            [
+                "mount".to_string(),
+                point.display().to_string(),
+                "-o".to_string(),
+                "allow_other".to_string(),
+                "--mgmtd".to_string(),
+                cluster.mgmtd_endpoints().join(","),
+                "--token-file".to_string(),
+                cluster.admin_token_path().display().to_string(),
+            ],
+            log,
+        );
+        process.spawn()?;
+        let mount = Mount {
+            process,
+            point: point.to_path_buf(),
+        };
+        mount.wait_mounted().await?;
+        Ok(mount)
+    }
+
+    /// The mount point.
+    pub fn point(&self) -> &std::path::Path {
+        &self.point
+    }
+
+    async fn wait_mounted(&self) -> anyhow::Result<()> {
+        let point = std::fs::canonicalize(&self.point)?;
+        let wanted = point.display().to_string();
+        wait_for(
+            "the FUSE mount",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || async {
+                self.process.check_running().map_err(NotReady::Failed)?;
+                let info = std::fs::read_to_string("/proc/self/mountinfo")
+                    .map_err(|e| NotReady::Failed(e.to_string()))?;
+                if info
+                    .lines()
+                    .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+                {
+                    Ok(())
+                } else {
+                    Err("not mounted yet".to_string().into())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Stops the FUSE daemon (SIGTERM: it unmounts), then makes sure nothing stays mounted.
+    pub async fn stop(&mut self) {
+        let _ = self.process.stop(Duration::from_secs(10)).await;
+        let _ = nix::mount::umount2(&self.point, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.point, nix::mount::MntFlags::MNT_DETACH);
+    }
 }

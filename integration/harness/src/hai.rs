@@ -19,7 +19,7 @@ use ff_raft::{MemberConfig, RaftConfig};
 use ff_rpc::{ClientOptions, LeaderClient};
 use hai_agent::AgentConfig;
 use hai_proto::hai_client::HaiClient;
-use hai_proto::{Empty, ListNodesReply, NodeState};
+use hai_proto::{Empty, Job, JobRequest, JobSpec, ListNodesReply, NodeState, SubmitRequest};
 use hai_server::ServerConfig;
 
 use crate::process::ChildProcess;
@@ -49,6 +49,8 @@ pub struct HaiClusterSpec {
     pub metrics: bool,
     /// Extra environment for every agent (and so every rank).
     pub agent_env: Vec<(String, String)>,
+    /// The ranks' log directory (shared by the agents; `DIR/logs` by default).
+    pub log_dir: PathBuf,
 }
 
 impl HaiClusterSpec {
@@ -62,9 +64,11 @@ impl HaiClusterSpec {
         gpus: u32,
         base_port: u16,
     ) -> HaiClusterSpec {
+        let dir: PathBuf = dir.into();
         HaiClusterSpec {
             binary: binary.into(),
-            dir: dir.into(),
+            log_dir: dir.join("logs"),
+            dir,
             servers,
             agents: (1..=agents).map(|i| (format!("node-{i}"), gpus)).collect(),
             base_port,
@@ -110,11 +114,6 @@ impl HaiClusterSpec {
         self.dir.join("admin.token")
     }
 
-    /// The ranks' log directory.
-    pub fn log_dir(&self) -> PathBuf {
-        self.dir.join("logs")
-    }
-
     /// An agent's records directory.
     pub fn agent_state_dir(&self, name: &str) -> PathBuf {
         self.dir.join(format!("agent-{name}"))
@@ -146,7 +145,7 @@ impl HaiCluster {
     /// every agent's node up.
     pub async fn start(spec: HaiClusterSpec, timeout: Duration) -> anyhow::Result<HaiCluster> {
         anyhow::ensure!(spec.servers >= 1, "a cluster needs at least one server");
-        std::fs::create_dir_all(spec.log_dir())?;
+        std::fs::create_dir_all(&spec.log_dir)?;
         if !spec.token_path().exists() {
             std::fs::write(
                 spec.token_path(),
@@ -199,7 +198,7 @@ impl HaiCluster {
                 gpus: *gpus,
                 port_min,
                 port_max: port_min + PORTS_PER_AGENT - 1,
-                log_dir: spec.log_dir(),
+                log_dir: spec.log_dir.clone(),
                 state_dir: spec.agent_state_dir(node),
                 heartbeat_interval: ff_config::Duration(spec.node_lease / 6),
                 stop_grace: ff_config::Duration::secs(5),
@@ -252,6 +251,25 @@ impl HaiCluster {
         &self.spec
     }
 
+    /// Every process of the cluster.
+    pub fn processes(&self) -> Vec<crate::ProcessInfo> {
+        let servers = self.servers.iter().map(|(id, p)| crate::ProcessInfo {
+            role: "hai-server".to_string(),
+            name: p.name().to_string(),
+            pid: p.pid(),
+            address: self.spec.server_addr(*id),
+            metrics: self.spec.metrics_addr(*id),
+        });
+        let agents = self.agents.iter().map(|(node, p)| crate::ProcessInfo {
+            role: "hai-agent".to_string(),
+            name: node.clone(),
+            pid: p.pid(),
+            address: String::new(),
+            metrics: String::new(),
+        });
+        servers.chain(agents).collect()
+    }
+
     /// The administrator's token.
     pub fn admin_token(&self) -> &str {
         &self.token
@@ -275,6 +293,34 @@ impl HaiCluster {
             .call_idempotent(|channel| {
                 let request = ff_rpc::with_token(tonic::Request::new(Empty {}), &token);
                 async move { HaiClient::new(channel).list_nodes(request).await }
+            })
+            .await
+    }
+
+    /// Submits `spec` as the administrator; the job's id.
+    pub async fn submit(&self, spec: JobSpec) -> Result<u64, tonic::Status> {
+        let token = self.token.clone();
+        let request = SubmitRequest {
+            spec: Some(spec),
+            request_id: ff_rpc::tokens::new_token(),
+        };
+        self.client
+            .call_idempotent(|channel| {
+                let request = ff_rpc::with_token(tonic::Request::new(request.clone()), &token);
+                async move { HaiClient::new(channel).submit(request).await }
+            })
+            .await
+            .map(|reply| reply.job_id)
+    }
+
+    /// Job `id` as the leader sees it.
+    pub async fn job(&self, id: u64) -> Result<Job, tonic::Status> {
+        let token = self.token.clone();
+        self.client
+            .call_idempotent(|channel| {
+                let request =
+                    ff_rpc::with_token(tonic::Request::new(JobRequest { job_id: id }), &token);
+                async move { HaiClient::new(channel).get_job(request).await }
             })
             .await
     }

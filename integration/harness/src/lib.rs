@@ -19,6 +19,21 @@ pub use ports::{ensure_free, free_port_block};
 pub use process::ChildProcess;
 pub use tmpfs::Tmpfs;
 
+/// One process of a local cluster, as `fireflyer up` lists them in `cluster.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProcessInfo {
+    /// What it is: `mgmtd`, `storage`, `meta`, `hai-server`, `hai-agent`, `fuse`.
+    pub role: String,
+    /// Its name in the cluster (`storage-2`, `node-1`).
+    pub name: String,
+    /// Its process id, if it runs.
+    pub pid: Option<u32>,
+    /// Where it serves (empty if nowhere).
+    pub address: String,
+    /// Where its `/metrics` are (empty if nowhere).
+    pub metrics: String,
+}
+
 /// Why a readiness probe did not succeed yet.
 #[derive(Debug)]
 pub enum NotReady {

@@ -9,8 +9,10 @@
 //! - [`checkpoint`]: atomic checkpoints and resuming from the newest valid one.
 //! - [`train`]: the data-parallel training loop.
 //! - [`metrics`]: what rank 0 serves on `/metrics`.
+//! - [`cli`]: the `moe-train` command line.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod data;
 pub mod metrics;
 pub mod model;

@@ -59,11 +59,17 @@ fn hai_spec(dir: &Path, port: u16) -> HaiClusterSpec {
 }
 
 impl Stack {
-    /// Starts (or restarts) the stack in `dir`.
+    /// Starts (or restarts) the stack in `dir`, from this program.
     pub async fn start(dir: &Path) -> anyhow::Result<Stack> {
+        let exe = std::env::current_exe().context("finding this program")?;
+        Stack::start_with(dir, &exe).await
+    }
+
+    /// Starts (or restarts) the stack in `dir` from `program` (a `fireflyer` binary).
+    pub async fn start_with(dir: &Path, program: &Path) -> anyhow::Result<Stack> {
         std::fs::create_dir_all(dir.join("bin"))?;
         let dir = std::fs::canonicalize(dir)?;
-        let exe = std::env::current_exe().context("finding this program")?;
+        let exe = std::fs::canonicalize(program)?;
         for name in ["fs3", "hai", "moe-train"] {
             link(&dir.join("bin"), name, &exe)?;
         }

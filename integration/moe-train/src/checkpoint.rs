@@ -132,20 +132,11 @@ fn prune(dir: &Path) {
     }
 }
 
-/// One checkpoint read back and checked.
-fn read(
-    path: &Path,
-    config: &ModelConfig,
-) -> Result<(Position, HashMap<String, Tensor>), CheckpointError> {
+/// Checks the checkpoint in `path` against its checksum; its position and tensors.
+pub fn verify(path: &Path) -> Result<(Position, HashMap<String, Tensor>), CheckpointError> {
     let meta = std::fs::read(path.join("position.json")).map_err(|e| io(path, e))?;
     let position: Position = serde_json::from_slice(&meta)
         .map_err(|e| CheckpointError::Invalid(format!("{}: position.json: {e}", path.display())))?;
-    if position.model != *config {
-        return Err(CheckpointError::Invalid(format!(
-            "{}: a model of another shape",
-            path.display()
-        )));
-    }
     let bytes = std::fs::read(path.join("tensors.safetensors")).map_err(|e| io(path, e))?;
     if hex(&Sha256::digest(&bytes)) != position.sha256 {
         return Err(CheckpointError::Invalid(format!(
@@ -155,6 +146,26 @@ fn read(
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| CheckpointError::Invalid(format!("{}: {e}", path.display())))?;
+    Ok((position, tensors))
+}
+
+/// Checkpoint directories in `dir`, newest first.
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    listed(dir)
+}
+
+/// One checkpoint read back, checked, and of the model's shape.
+fn read(
+    path: &Path,
+    config: &ModelConfig,
+) -> Result<(Position, HashMap<String, Tensor>), CheckpointError> {
+    let (position, tensors) = verify(path)?;
+    if position.model != *config {
+        return Err(CheckpointError::Invalid(format!(
+            "{}: a model of another shape",
+            path.display()
+        )));
+    }
     Ok((position, tensors))
 }
 

@@ -233,3 +233,116 @@ async fn training_survives_a_storage_loss_a_leader_loss_and_preemption() {
     assert_eq!(position.step, steps);
     stack.stop().await;
 }
+
+/// Reads `cluster.json`'s process ids.
+fn pids(dir: &Path) -> Vec<i32> {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
+    json["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Starts `fireflyer up` on `dir`; waits until it says it is up.
+async fn up(dir: &Path) -> std::process::Child {
+    let _ = std::fs::remove_file(dir.join("cluster.json"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fireflyer"))
+        .args(["up", "--dir"])
+        .arg(dir)
+        .stdout(std::fs::File::create(dir.with_extension("up.log")).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait_until("fireflyer up", Duration::from_secs(120), || {
+        dir.join("cluster.json").exists()
+    })
+    .await;
+    child
+}
+
+/// SIGTERM to `up`; waits for it, and checks it left nothing behind.
+async fn down(mut child: std::process::Child, dir: &Path) {
+    let processes = pids(dir);
+    assert!(processes.len() >= 11, "{processes:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    for pid in processes {
+        assert!(!alive(pid), "process {pid} outlived `fireflyer up`");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(dir.to_str().unwrap()), "still mounted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_stops_cleanly_and_comes_back_with_its_data() {
+    if !fuse_available() {
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("stack");
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = up(&dir).await;
+    // Use it as a user would: through cluster.env's variables and the linked programs.
+    let env = std::fs::read_to_string(dir.join("cluster.env")).unwrap();
+    let vars: Vec<(String, String)> = env
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| *k != "PATH")
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect();
+    let mount = PathBuf::from(&vars.iter().find(|(k, _)| k == "FS3_MOUNT").unwrap().1);
+    std::fs::write(mount.join("kept.txt"), b"still here").unwrap();
+    let submitted = std::process::Command::new(dir.join("bin/hai"))
+        .args(["submit", "--name", "hello", "--nodes", "2", "--", "true"])
+        .envs(vars.clone())
+        .output()
+        .unwrap();
+    assert!(submitted.status.success(), "{submitted:?}");
+    let listed = || {
+        let out = std::process::Command::new(dir.join("bin/hai"))
+            .args(["jobs", "--all"])
+            .envs(vars.clone())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until("the job done", Duration::from_secs(30), || {
+        listed().contains("completed")
+    })
+    .await;
+    down(first, &dir).await;
+
+    // Again on the same directory: the same cluster, its files and its jobs.
+    let second = up(&dir).await;
+    assert_eq!(
+        std::fs::read(mount.join("kept.txt")).unwrap(),
+        b"still here"
+    );
+    let jobs = listed();
+    assert!(
+        jobs.contains("hello") && jobs.contains("completed"),
+        "{jobs}"
+    );
+    down(second, &dir).await;
+}

@@ -194,6 +194,20 @@ mod tests {
     }
 }
 
+/// Registers `{component}_build_info{version}` = 1: which build of which component answers, for
+/// dashboards and for alerts on mixed versions during an upgrade.
+pub fn register_build_info(registry: &Registry, component: &str) -> Result<(), prometheus::Error> {
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            format!("{component}_build_info"),
+            format!("Build of this {component} (always 1; the version is a label)"),
+        ),
+        &["version"],
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    registry.register(Box::new(info))
+}
+
 /// The request series every service exports: `{prefix}_requests_total{op,outcome}` and
 /// `{prefix}_request_seconds{op}`, with the known operations' series present from the start
 /// (so that dashboards and alerts see zeros, not gaps).

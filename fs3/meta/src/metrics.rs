@@ -54,6 +54,7 @@ pub struct MetaMetrics {
 impl MetaMetrics {
     /// Registers the series in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        ff_metrics::register_build_info(registry, "fs3_meta")?;
         let requests = RequestMetrics::register(
             registry,
             "fs3_meta",

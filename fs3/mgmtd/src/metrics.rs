@@ -33,6 +33,7 @@ pub struct MgmtdMetrics {
 impl MgmtdMetrics {
     /// Registers the series in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        ff_metrics::register_build_info(registry, "fs3_mgmtd")?;
         let requests = RequestMetrics::register(registry, "fs3_mgmtd", "mgmtd API", &OPS)?;
         let routing_version = IntGauge::new(
             "fs3_mgmtd_routing_version",

@@ -21,6 +21,7 @@ pub struct StorageMetrics {
 impl StorageMetrics {
     /// Registers the series in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        ff_metrics::register_build_info(registry, "fs3_storage")?;
         let requests = RequestMetrics::register(
             registry,
             "fs3_storage",

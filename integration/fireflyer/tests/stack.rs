@@ -7,27 +7,16 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fireflyer::stack::Stack;
 use hai_proto::{EnvVar, JobSpec, JobState};
-
-fn fuse_available() -> bool {
-    let ok = Path::new("/dev/fuse").exists() && nix::unistd::geteuid().is_root();
-    if !ok {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must run the stack tests: /dev/fuse and root are required"
-        );
-        eprintln!("skipping: the stack needs /dev/fuse and root (FUSE)");
-    }
-    ok
-}
 
 #[test]
 fn the_demo_trains_to_a_clearly_lower_loss() {
-    if !fuse_available() {
+    if !common::can_run(&[]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -76,16 +65,10 @@ async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> boo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn training_survives_a_storage_loss_a_leader_loss_and_preemption() {
-    if !fuse_available() {
+    if !common::can_run(&[]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut stack = Stack::start_with(
-        &dir.path().join("stack"),
-        Path::new(env!("CARGO_BIN_EXE_fireflyer")),
-    )
-    .await
-    .unwrap();
+    let (_dir, mut stack) = common::fresh_stack().await;
     let mount = stack.mount_point().to_path_buf();
     let data = mount.join("data");
     let status = std::process::Command::new(stack.bin("moe-train"))
@@ -295,7 +278,7 @@ async fn down(mut child: std::process::Child, dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_stops_cleanly_and_comes_back_with_its_data() {
-    if !fuse_available() {
+    if !common::can_run(&[]) {
         return;
     }
     let base = tempfile::tempdir().unwrap();

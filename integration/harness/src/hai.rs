@@ -82,7 +82,19 @@ impl HaiClusterSpec {
     /// Ports the cluster uses from `base_port`: servers, their metrics, then the agents'
     /// MASTER_PORT ranges.
     pub fn port_count(&self) -> u16 {
-        (self.servers as u16) * 2 + self.agents.len() as u16 * PORTS_PER_AGENT
+        (self.servers as u16) * 2 + self.agents.len() as u16 * (PORTS_PER_AGENT + 1)
+    }
+
+    /// Agent `index`'s metrics address (empty when metrics are off).
+    fn agent_metrics_addr(&self, index: usize) -> String {
+        if self.metrics {
+            let first = self.base_port
+                + self.servers as u16 * 2
+                + self.agents.len() as u16 * PORTS_PER_AGENT;
+            format!("127.0.0.1:{}", first + index as u16)
+        } else {
+            String::new()
+        }
     }
 
     /// Server `id`'s address.
@@ -195,6 +207,7 @@ impl HaiCluster {
                 node: node.clone(),
                 servers: addrs.clone(),
                 token_file: spec.token_path(),
+                metrics_addr: spec.agent_metrics_addr(index),
                 gpus: *gpus,
                 port_min,
                 port_max: port_min + PORTS_PER_AGENT - 1,
@@ -265,7 +278,13 @@ impl HaiCluster {
             name: node.clone(),
             pid: p.pid(),
             address: String::new(),
-            metrics: String::new(),
+            metrics: self
+                .spec
+                .agents
+                .iter()
+                .position(|(n, _)| n == node)
+                .map(|i| self.spec.agent_metrics_addr(i))
+                .unwrap_or_default(),
         });
         servers.chain(agents).collect()
     }

@@ -18,6 +18,7 @@ pub struct TrainMetrics {
 impl TrainMetrics {
     /// Registers the series in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        ff_metrics::register_build_info(registry, "moe_train")?;
         let metrics = TrainMetrics {
             loss: Gauge::new("moe_train_loss", "Training loss of the last step")?,
             step: IntGauge::new("moe_train_step", "Steps done")?,

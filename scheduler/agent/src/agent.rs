@@ -20,6 +20,7 @@ use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
 use crate::config::AgentConfig;
+use crate::metrics::AgentMetrics;
 use crate::rank::{self, AttemptRecord, RankRecord};
 
 /// How often ranks are checked for exits and grace periods.
@@ -51,6 +52,9 @@ pub enum AgentError {
     /// The server addresses are unusable.
     #[error("servers: {0}")]
     Servers(String),
+    /// The metrics endpoint could not start.
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
 /// One attempt of a job on this node.
@@ -188,6 +192,8 @@ pub struct NodeAgent {
     /// This program, to start rank wrappers (`EXE rank-exec`).
     exe: PathBuf,
     attempts: BTreeMap<(u64, u32), Attempt>,
+    metrics: AgentMetrics,
+    registry: prometheus::Registry,
 }
 
 impl std::fmt::Debug for NodeAgent {
@@ -236,6 +242,9 @@ impl NodeAgent {
         let client = ff_rpc::LeaderClient::new(config.servers.clone(), options)
             .map_err(|e| AgentError::Servers(e.to_string()))?;
         let name = config.node_name();
+        let registry = prometheus::Registry::new();
+        let metrics =
+            AgentMetrics::register(&registry).map_err(|e| AgentError::Metrics(e.to_string()))?;
         let mut agent = NodeAgent {
             config,
             name,
@@ -243,6 +252,8 @@ impl NodeAgent {
             client,
             exe,
             attempts: BTreeMap::new(),
+            metrics,
+            registry,
         };
         agent.recover();
         Ok(agent)
@@ -313,7 +324,19 @@ impl NodeAgent {
 
     /// Runs until `stop` resolves. Ranks keep running when the agent stops: a restarted agent
     /// finds them.
-    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+    pub async fn run(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let _metrics = if self.config.metrics_addr.is_empty() {
+            None
+        } else {
+            Some(
+                ff_metrics::MetricsServer::start(&self.config.metrics_addr, self.registry.clone())
+                    .await
+                    .map_err(|e| AgentError::Metrics(e.to_string()))?,
+            )
+        };
         let (updates, mut assignments) = mpsc::channel(WATCH_QUEUE);
         let watcher = tokio::spawn(watch(
             self.client_clone(),
@@ -339,6 +362,7 @@ impl NodeAgent {
         }
         watcher.abort();
         tracing::info!("agent stopped; ranks left running");
+        Ok(())
     }
 
     fn client_clone(&self) -> ff_rpc::LeaderClient {
@@ -465,6 +489,7 @@ impl NodeAgent {
             let rank_id = assignment.first_rank + local;
             match self.spawn_rank(assignment, &spec, local, &dir, &logs, &checkpoint) {
                 Ok((child, record)) => {
+                    self.metrics.starts.inc();
                     attempt.children.insert(rank_id, child);
                     attempt.record.ranks.push(record);
                     if let Err(error) = rank::save(&dir, &attempt.record) {
@@ -557,11 +582,19 @@ impl NodeAgent {
                     code = outcome.0,
                     "ranks ended"
                 );
+                let outcome_label = if outcome.0 == 0 { "ok" } else { "failed" };
+                self.metrics.exits.with_label_values(&[outcome_label]).inc();
                 attempt.record.exit = Some(outcome);
                 ended = true;
                 let _ = rank::save(&attempt.dir, &attempt.record);
             }
         }
+        self.metrics.ranks.set(
+            self.attempts
+                .values()
+                .map(|a| a.alive().count() as i64)
+                .sum(),
+        );
         let done: Vec<(u64, u32)> = self
             .attempts
             .values()
@@ -623,7 +656,8 @@ impl NodeAgent {
                 }
             }
             Err(status) => {
-                tracing::warn!(code = ?status.code(), message = status.message(), "heartbeat failed")
+                self.metrics.heartbeat_failures.inc();
+                tracing::warn!(code = ?status.code(), message = status.message(), "heartbeat failed");
             }
         }
     }

@@ -16,6 +16,8 @@ pub struct AgentConfig {
     pub host: String,
     /// hai server replicas.
     pub servers: Vec<String>,
+    /// Address of the Prometheus endpoint; empty disables it.
+    pub metrics_addr: String,
     /// The administrator's token (the servers' `admin_token_file`).
     pub token_file: PathBuf,
     /// GPUs this node offers.
@@ -45,6 +47,7 @@ impl Default for AgentConfig {
             node: String::new(),
             host: "127.0.0.1".to_string(),
             servers: vec!["127.0.0.1:8300".to_string()],
+            metrics_addr: "127.0.0.1:9840".to_string(),
             token_file: "data/hai/admin.token".into(),
             gpus: 0,
             cpus: 0,
@@ -90,6 +93,7 @@ impl DaemonConfig for AgentConfig {
         for addr in &self.servers {
             ensure_socket_addr(addr, "servers", false)?;
         }
+        ensure_socket_addr(&self.metrics_addr, "metrics_addr", true)?;
         ensure(
             self.port_min > 0 && self.port_min <= self.port_max,
             "port_min",

@@ -6,9 +6,11 @@
 //! - [`config`]: the agent's configuration.
 //! - [`rank`]: ranks as processes under a wrapper that records their exit codes.
 //! - [`agent`]: the loop.
+//! - [`metrics`]: what the agent serves on `/metrics`.
 
 pub mod agent;
 pub mod config;
+pub mod metrics;
 pub mod rank;
 
 pub use agent::{AgentError, NodeAgent};

@@ -227,7 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         tracing::warn!(%error, "signal handling failed; stopping");
                     }
                 })
-                .await;
+                .await?;
             Ok(())
         }
         Cmd::Submit(args) => {

@@ -38,6 +38,7 @@ const ALL_STATES: [JobState; 9] = [
 impl HaiMetrics {
     /// Registers the series in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        ff_metrics::register_build_info(registry, "hai_server")?;
         let requests = RequestMetrics::register(
             registry,
             "hai_server",
@@ -75,6 +76,13 @@ impl HaiMetrics {
                 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0, 21600.0,
             ]),
         )?;
+        // Every series exists from the start (zero on followers), so dashboards see zeros.
+        for state in ALL_STATES {
+            jobs.with_label_values(&[state_name(state)]);
+        }
+        for state in ["up", "draining", "down"] {
+            nodes.with_label_values(&[state]);
+        }
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(nodes.clone()))?;
         registry.register(Box::new(preemptions.clone()))?;

@@ -24,6 +24,8 @@ pub struct MgmtdMetrics {
     pub requests: RequestMetrics,
     routing_version: IntGauge,
     chain_version: IntGaugeVec,
+    /// Serving replicas per chain.
+    chain_serving: IntGaugeVec,
     targets: IntGaugeVec,
     services: IntGaugeVec,
     /// Chains changed by the failure detector.
@@ -60,6 +62,14 @@ impl MgmtdMetrics {
         )?;
         registry.register(Box::new(routing_version.clone()))?;
         registry.register(Box::new(chain_version.clone()))?;
+        let chain_serving = IntGaugeVec::new(
+            Opts::new(
+                "fs3_mgmtd_chain_serving_replicas",
+                "Replicas of each chain that serve reads and writes",
+            ),
+            &["chain"],
+        )?;
+        registry.register(Box::new(chain_serving.clone()))?;
         registry.register(Box::new(targets.clone()))?;
         registry.register(Box::new(services.clone()))?;
         registry.register(Box::new(chain_changes.clone()))?;
@@ -67,6 +77,7 @@ impl MgmtdMetrics {
             requests,
             routing_version,
             chain_version,
+            chain_serving,
             targets,
             services,
             chain_changes,
@@ -78,10 +89,20 @@ impl MgmtdMetrics {
         self.routing_version
             .set(i64::try_from(routing.version).unwrap_or(i64::MAX));
         self.chain_version.reset();
+        self.chain_serving.reset();
         for chain in &routing.chains {
+            let id = chain.id.to_string();
             self.chain_version
-                .with_label_values(&[&chain.id.to_string()])
+                .with_label_values(&[&id])
                 .set(i64::try_from(chain.version).unwrap_or(i64::MAX));
+            let serving = chain
+                .targets
+                .iter()
+                .filter(|t| t.state() == PublicState::Serving)
+                .count();
+            self.chain_serving
+                .with_label_values(&[&id])
+                .set(serving as i64);
         }
         for state in [
             PublicState::Serving,

@@ -217,6 +217,7 @@ async fn heartbeats(storage: Arc<Storage>, addr: String, hostname: String, inter
                 .values()
                 .map(|t| {
                     let (capacity_bytes, free_bytes) = disk_space(&t.path);
+                    storage.metrics.set_disk(t.id, capacity_bytes, free_bytes);
                     TargetReport {
                         target_id: t.id,
                         state: local_state(t.phase()) as i32,

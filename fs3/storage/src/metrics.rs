@@ -16,6 +16,8 @@ pub struct StorageMetrics {
     pub recovery: IntCounterVec,
     /// The routing version this daemon routes with.
     pub routing_version: IntGauge,
+    /// Size and free space of each target's filesystem.
+    disk: IntGaugeVec,
 }
 
 impl StorageMetrics {
@@ -50,6 +52,13 @@ impl StorageMetrics {
             "fs3_storage_routing_version",
             "Routing version this daemon routes with",
         )?;
+        let disk = IntGaugeVec::new(
+            Opts::new(
+                "fs3_storage_target_disk_bytes",
+                "Size and free space of the filesystem each target is on",
+            ),
+            &["target", "kind"],
+        )?;
         for direction in ["read", "write"] {
             bytes.with_label_values(&[direction]);
         }
@@ -63,12 +72,24 @@ impl StorageMetrics {
         registry.register(Box::new(targets.clone()))?;
         registry.register(Box::new(recovery.clone()))?;
         registry.register(Box::new(routing_version.clone()))?;
+        registry.register(Box::new(disk.clone()))?;
         Ok(StorageMetrics {
             requests,
             bytes,
             targets,
             recovery,
             routing_version,
+            disk,
         })
+    }
+
+    /// Records target `target`'s filesystem size and free space.
+    pub fn set_disk(&self, target: u64, capacity: u64, free: u64) {
+        let target = target.to_string();
+        for (kind, bytes) in [("capacity", capacity), ("free", free)] {
+            self.disk
+                .with_label_values(&[target.as_str(), kind])
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Layout: `DIR/bin/{fs3,hai,moe-train}`, `DIR/ports.json` (the port block, chosen once),
 //! `DIR/fs3/` and `DIR/hai/` (the clusters' configs, data and logs), `DIR/mnt` (the mount),
-//! `DIR/cluster.env` and `DIR/cluster.json`.
+//! `DIR/cluster.env`, `DIR/cluster.json`, and `DIR/prometheus/` (config, alert rules, and the
+//! targets: `prometheus --config.file=DIR/prometheus/prometheus.yml` scrapes the stack).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +16,11 @@ use ff_harness::ProcessInfo;
 use ff_harness::fs3::{Fs3Cluster, Fs3ClusterSpec, Mount};
 use ff_harness::hai::{HaiCluster, HaiClusterSpec};
 use serde::{Deserialize, Serialize};
+
+/// The Prometheus config for a local stack (`deploy/prometheus/prometheus.yml`).
+const PROMETHEUS_CONFIG: &str = include_str!("../../../deploy/prometheus/prometheus.yml");
+/// The alert rules (`deploy/prometheus/alerts.yml`).
+const PROMETHEUS_ALERTS: &str = include_str!("../../../deploy/prometheus/alerts.yml");
 
 /// How long each part may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
@@ -177,6 +183,35 @@ impl Stack {
         std::fs::write(
             self.dir.join("cluster.json"),
             serde_json::to_vec_pretty(&json)?,
+        )?;
+        self.write_prometheus()
+    }
+
+    /// `DIR/prometheus/`: the deploy config and alert rules, and every metrics endpoint as a
+    /// file service-discovery target with its `role`.
+    fn write_prometheus(&self) -> anyhow::Result<()> {
+        let dir = self.dir.join("prometheus");
+        std::fs::create_dir_all(dir.join("targets"))?;
+        std::fs::write(dir.join("prometheus.yml"), PROMETHEUS_CONFIG)?;
+        std::fs::write(dir.join("alerts.yml"), PROMETHEUS_ALERTS)?;
+        let targets: Vec<serde_json::Value> = self
+            .processes()
+            .into_iter()
+            .filter(|p| !p.metrics.is_empty())
+            .map(|p| {
+                let role = match p.role.as_str() {
+                    "mgmtd" | "meta" | "storage" => format!("fs3-{}", p.role),
+                    other => other.to_string(),
+                };
+                serde_json::json!({
+                    "targets": [p.metrics],
+                    "labels": {"role": role, "name": p.name},
+                })
+            })
+            .collect();
+        std::fs::write(
+            dir.join("targets").join("fireflyer.json"),
+            serde_json::to_vec_pretty(&targets)?,
         )?;
         Ok(())
     }

@@ -40,6 +40,55 @@ enum Cmd {
     },
     /// Start the stack, train the MoE model on 2 nodes, and summarise.
     Demo(demo::DemoArgs),
+    /// Print the configuration reference of every daemon (as in docs/operations.md).
+    ConfigReference,
+}
+
+/// The configuration reference of every daemon: each one's documented default config, which
+/// its tests keep equal to the config struct's defaults (so this cannot drift from the code).
+pub fn config_reference() -> String {
+    use ff_config::DaemonConfig;
+    let daemons: [(&str, &str, &str, &str); 5] = [
+        (
+            "fs3 mgmtd",
+            "fs3 mgmtd --config FILE",
+            fs3_mgmtd::MgmtdConfig::ENV_PREFIX,
+            fs3_mgmtd::MgmtdConfig::TEMPLATE,
+        ),
+        (
+            "fs3 meta",
+            "fs3 meta --config FILE",
+            fs3_meta::MetaConfig::ENV_PREFIX,
+            fs3_meta::MetaConfig::TEMPLATE,
+        ),
+        (
+            "fs3 storage",
+            "fs3 storage --config FILE",
+            fs3_storage::StorageConfig::ENV_PREFIX,
+            fs3_storage::StorageConfig::TEMPLATE,
+        ),
+        (
+            "hai server",
+            "hai server --config FILE",
+            hai_server::ServerConfig::ENV_PREFIX,
+            hai_server::ServerConfig::TEMPLATE,
+        ),
+        (
+            "hai agent",
+            "hai agent --config FILE",
+            hai_agent::AgentConfig::ENV_PREFIX,
+            hai_agent::AgentConfig::TEMPLATE,
+        ),
+    ];
+    let mut out = String::new();
+    for (name, command, prefix, template) in daemons {
+        out.push_str(&format!(
+            "### {name}\n\n`{command}`; every field can be overridden from the environment as \
+             `{prefix}__FIELD` (nested: `{prefix}__RAFT__NODE_ID`).\n\n```toml\n{}\n```\n\n",
+            template.trim_end()
+        ));
+    }
+    out
 }
 
 /// Runs the program with `args` (the program name first); returns the exit code.
@@ -83,6 +132,10 @@ pub fn main_with(args: Vec<OsString>) -> i32 {
         match cli.command {
             Cmd::Up { dir } => stack::up(&dir).await,
             Cmd::Demo(args) => demo::run(args).await,
+            Cmd::ConfigReference => {
+                print!("{}", config_reference());
+                Ok(())
+            }
         }
     });
     match result {

@@ -118,5 +118,65 @@ async fn every_daemon_serves_metrics_promtool_accepts() {
             assert!(text.contains(name), "{role} lacks {name}");
         }
     }
+    // Every metric a Grafana panel queries is one the daemons (or moe-train) export.
+    let mut exported: std::collections::BTreeSet<String> = scraped
+        .values()
+        .flat_map(|text| text.lines())
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect();
+    let registry = prometheus::Registry::new();
+    moe_train::metrics::TrainMetrics::register(&registry).unwrap();
+    exported.extend(registry.gather().iter().map(|f| f.name().to_string()));
+    let dashboards =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/dashboards");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dashboards).unwrap() {
+        let path = entry.unwrap().path();
+        let dashboard: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(
+            dashboard["uid"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("fireflyer-")),
+            "{}",
+            path.display()
+        );
+        assert_eq!(
+            dashboard["templating"]["list"][0]["type"],
+            "datasource",
+            "{}",
+            path.display()
+        );
+        for panel in dashboard["panels"].as_array().unwrap() {
+            assert_eq!(
+                panel["datasource"]["uid"],
+                "${datasource}",
+                "{}",
+                path.display()
+            );
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for name in expr
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                    .filter(|w| {
+                        ["fs3_", "hai_", "raft_", "moe_train_"]
+                            .iter()
+                            .any(|p| w.starts_with(p))
+                    })
+                {
+                    assert!(
+                        exported.contains(name),
+                        "{}: panel {:?} queries {name}, which nothing exports",
+                        path.display(),
+                        panel["title"]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 20, "only {checked} metric references found");
     stack.stop().await;
 }

@@ -215,7 +215,10 @@ pub fn train(mut config: TrainConfig) -> anyhow::Result<Summary> {
                 .control_dir
                 .as_ref()
                 .is_some_and(|d| d.join("suspend").exists());
-        match &comm {
+        // Whether every rank stops after this step: decided by the vote below, never by
+        // reading the signal flag again (a signal arriving on one rank after the vote would
+        // make it stop alone while the others go on).
+        let suspended = match &comm {
             Some(comm) => {
                 let mut buckets = Buckets::<f32>::new(
                     comm,
@@ -236,9 +239,7 @@ pub fn train(mut config: TrainConfig) -> anyhow::Result<Summary> {
                 comm.allreduce(&mut loads, ReduceOp::Sum)?;
                 let stop_votes = loads.pop().unwrap_or(0.0);
                 local_loss = loads.pop().unwrap_or(local_loss) / world as f32;
-                if stop_votes > 0.0 {
-                    suspend_signal.store(true, Ordering::SeqCst);
-                }
+                stop_votes > 0.0
             }
             None => {
                 for p in &model.params {
@@ -247,11 +248,9 @@ pub fn train(mut config: TrainConfig) -> anyhow::Result<Summary> {
                         .with_context(|| format!("no gradient for {}", p.name))?;
                     averaged.push(grad.flatten_all()?.to_vec1::<f32>()?);
                 }
-                if stop_here {
-                    suspend_signal.store(true, Ordering::SeqCst);
-                }
+                stop_here
             }
-        }
+        };
         let reduced = started.elapsed() - computed;
         let grads: Vec<Tensor> = averaged
             .into_iter()
@@ -284,7 +283,6 @@ pub fn train(mut config: TrainConfig) -> anyhow::Result<Summary> {
             max_share,
             tokens_per_step,
         );
-        let suspended = suspend_signal.load(Ordering::SeqCst);
         let last = position.step == config.steps;
         if position.step.is_multiple_of(config.log_every.max(1)) || last || suspended {
             let elapsed = window.0.elapsed().as_secs_f64().max(1e-9);

@@ -12,6 +12,7 @@
 //! and `Default` never drift apart.
 
 mod env;
+pub mod systemd;
 mod units;
 
 use std::path::Path;

@@ -214,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             };
             let mgmtd = Mgmtd::start(config).await?;
+            ff_config::systemd::notify_ready();
             let failure =
                 ff_raft::until_stopped(mgmtd.daemon().node(), args.exit_with_parent).await?;
             mgmtd.shutdown().await;
@@ -224,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             };
             let meta = Meta::start(config).await?;
+            ff_config::systemd::notify_ready();
             let failure =
                 ff_raft::until_stopped(meta.daemon().node(), args.exit_with_parent).await?;
             meta.shutdown().await;
@@ -234,6 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             };
             let storage = StorageDaemon::start(config).await?;
+            ff_config::systemd::notify_ready();
             ff_raft::stop_signal(args.exit_with_parent).await?;
             tracing::info!("stopping");
             storage.shutdown().await;

@@ -58,6 +58,7 @@ pub async fn run(
     fs3_fuse::check_mountpoint(&mountpoint, options.nonempty)?;
     let fs = Arc::new(connect.connect().await?);
     let session = fs3_fuse::mount(fs, tokio::runtime::Handle::current(), &mountpoint, &options)?;
+    ff_config::systemd::notify_ready();
     eprintln!(
         "fs3 mounted at {} (Ctrl-C or SIGTERM unmounts)",
         mountpoint.display()

@@ -55,3 +55,69 @@ fn the_operations_guide_carries_the_current_config_reference() {
         "docs/operations.md is out of date: regenerate its last section with `fireflyer config-reference`"
     );
 }
+
+/// `KEY=VALUE` lines of a systemd unit, by key (sections ignored: keys are unique in ours).
+fn unit_fields(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn systemd_units_run_commands_and_flags_that_exist() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/systemd");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for section in ["[Unit]", "[Service]", "[Install]"] {
+            assert!(text.contains(section), "{}: no {section}", path.display());
+        }
+        let fields = unit_fields(&text);
+        assert_eq!(
+            fields.get("Type").map(String::as_str),
+            Some("notify"),
+            "{}",
+            path.display()
+        );
+        assert_eq!(
+            fields.get("Restart").map(String::as_str),
+            Some("on-failure"),
+            "{}",
+            path.display()
+        );
+        assert!(fields.contains_key("LimitNOFILE"), "{}", path.display());
+        let exec: Vec<&str> = fields["ExecStart"].split_whitespace().collect();
+        let program = Path::new(exec[0]).file_name().unwrap().to_str().unwrap();
+        assert!(
+            ["fs3", "hai"].contains(&program),
+            "{}: runs {program}",
+            path.display()
+        );
+        // The subcommand exists, and every flag the unit passes is one of its flags.
+        let help = Command::new(env!("CARGO_BIN_EXE_fireflyer"))
+            .args([program, exec[1], "--help"])
+            .output()
+            .unwrap();
+        assert!(
+            help.status.success(),
+            "{}: `{program} {}` does not exist",
+            path.display(),
+            exec[1]
+        );
+        let help = String::from_utf8_lossy(&help.stdout);
+        for flag in exec.iter().filter(|w| w.starts_with("--")) {
+            assert!(
+                help.contains(flag),
+                "{}: `{program} {}` has no {flag}",
+                path.display(),
+                exec[1]
+            );
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 6, "a unit per daemon");
+}

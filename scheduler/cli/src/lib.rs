@@ -209,6 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             };
             let server = Server::start(config).await?;
+            ff_config::systemd::notify_ready();
             let failure =
                 ff_raft::until_stopped(server.daemon().node(), args.exit_with_parent).await?;
             server.shutdown().await;
@@ -220,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let exe = std::env::current_exe().context("finding this program")?;
             let agent = NodeAgent::new(config, exe)?;
+            ff_config::systemd::notify_ready();
             let exit_with_parent = args.exit_with_parent;
             agent
                 .run(async move {

@@ -21,6 +21,15 @@ use crate::metrics::TrainMetrics;
 use crate::model::{Model, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig};
 
+/// Prints a progress line; a closed standard output (the log's reader gone) is not a reason to
+/// stop training, so write errors are ignored rather than panicking as `println!` would.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// What to train and how.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -148,7 +157,7 @@ pub fn train(mut config: TrainConfig) -> anyhow::Result<Summary> {
     };
     match checkpoint::restore(&config.checkpoint_dir, &mut model, &mut optimizer)? {
         Some((path, found)) => {
-            println!(
+            say!(
                 "rank {rank}: resumed from {} (step {}, loss {:.4})",
                 path.display(),
                 found.step,
@@ -179,7 +188,7 @@ pub fn train(mut config: TrainConfig) -> anyhow::Result<Summary> {
     let _server = match (&config.metrics_addr, rank) {
         (Some(addr), 0) => {
             let server = runtime.block_on(ff_metrics::MetricsServer::start(addr, registry))?;
-            println!("metrics at http://{}/metrics", server.local_addr());
+            say!("metrics at http://{}/metrics", server.local_addr());
             Some(server)
         }
         _ => None,
@@ -290,7 +299,7 @@ pub fn train(mut config: TrainConfig) -> anyhow::Result<Summary> {
             let tokens_per_second = window.1 as f64 / elapsed;
             metrics.tokens_per_second.set(tokens_per_second);
             if rank == 0 {
-                println!(
+                say!(
                     "step {}/{} loss {:.4} tokens/s {:.0} expert load min {:.3} max {:.3} compute {:.1}ms allreduce {:.1}ms",
                     position.step,
                     config.steps,
@@ -310,14 +319,14 @@ pub fn train(mut config: TrainConfig) -> anyhow::Result<Summary> {
             if rank == 0 {
                 let path =
                     checkpoint::save(&config.checkpoint_dir, &model, &optimizer, position.clone())?;
-                println!("checkpoint {} at step {}", path.display(), position.step);
+                say!("checkpoint {} at step {}", path.display(), position.step);
             }
             if let Some(comm) = &comm {
                 comm.barrier()?;
             }
         }
         if suspended && !last {
-            println!(
+            say!(
                 "rank {rank}: suspended at step {} after checkpointing",
                 position.step
             );
@@ -334,7 +343,7 @@ pub fn train(mut config: TrainConfig) -> anyhow::Result<Summary> {
         bail!("the loss is not finite");
     }
     if rank == 0 {
-        println!(
+        say!(
             "finished at step {}: first loss {:.4}, last loss {:.4}",
             position.step,
             first_loss.unwrap_or(position.loss),

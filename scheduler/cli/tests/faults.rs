@@ -192,9 +192,22 @@ async fn a_killed_agents_job_is_requeued_and_completes_elsewhere() {
     let first_node = running["nodes"][0]["node"].as_str().unwrap().to_string();
     // The orphan: the rank's wrapper keeps running after its agent dies.
     let state_dir = cluster.spec().agent_state_dir(&first_node);
-    let record =
-        hai_agent::rank::load(&state_dir.join("attempts").join(format!("{job}-0"))).unwrap();
-    let orphan = record.ranks[0].clone();
+    // `running` is the scheduler's placement; the agent starts the rank just after.
+    let record_dir = state_dir.join("attempts").join(format!("{job}-0"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let orphan = loop {
+        if let Some(rank) = hai_agent::rank::load(&record_dir)
+            .ok()
+            .and_then(|r| r.ranks.first().cloned())
+        {
+            break rank;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not start the rank"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     cluster.agent(&first_node).unwrap().kill().await.unwrap();
 
     let moved = wait_job(

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use hai_proto::agent_client::AgentClient;
 use hai_proto::{
-    Action, Assignment, Assignments, HeartbeatRequest, Node, NodeState, RankExit, RunningAttempt,
-    WatchRequest,
+    Action, Assignment, Assignments, HeartbeatRequest, Node, NodeState, RankExit, WatchRequest,
 };
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
@@ -609,17 +608,8 @@ impl NodeAgent {
         ended
     }
 
-    /// Tells the leader this node lives, what runs, and what ended.
+    /// Tells the leader this node lives and which attempts ended here.
     async fn heartbeat(&mut self) {
-        let running: Vec<RunningAttempt> = self
-            .attempts
-            .values()
-            .filter(|a| a.alive().next().is_some())
-            .map(|a| RunningAttempt {
-                job_id: a.record.job_id,
-                attempt: a.record.attempt,
-            })
-            .collect();
         let exited: Vec<RankExit> = self
             .attempts
             .values()
@@ -636,7 +626,6 @@ impl NodeAgent {
             .collect();
         let request = HeartbeatRequest {
             node: Some(self.node_record()),
-            running,
             exited: exited.clone(),
         };
         let token = self.token.clone();

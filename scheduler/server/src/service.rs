@@ -253,7 +253,6 @@ impl HaiApi {
             job_id: id,
             kind: kind as i32,
             reason: format!("{verb} by {}", identity.name()),
-            for_job: 0,
         }))
         .await?;
         Ok(Response::new(Empty {}))
@@ -365,7 +364,6 @@ impl HaiApi {
                 job_id: victim,
                 kind: StopKind::StopSuspend as i32,
                 reason,
-                for_job: 0,
             }))
             .await?;
         }

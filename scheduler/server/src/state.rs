@@ -565,7 +565,6 @@ pub fn place(table: &mut HaiTable<'_>, now: i64, op: PlaceOp) -> Result<(), Refu
     job.stop_ms = 0;
     job.requeue = false;
     job.reason = String::new();
-    job.waiting_for.clear();
     put_job(table, &job)
 }
 

@@ -14,8 +14,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ff_raft::proto::StatusRequest;
-use ff_raft::proto::raft_client::RaftClient;
 use ff_raft::{MemberConfig, RaftConfig};
 use ff_rpc::{ClientOptions, LeaderClient};
 use fs3_client::{ChunkClient, Fs3, Fs3Options, RoutingCache};
@@ -528,32 +526,31 @@ impl Fs3Cluster {
         not: Option<u64>,
         timeout: Duration,
     ) -> anyhow::Result<u64> {
-        let running: Vec<u64> = self
-            .mgmtd
-            .iter()
-            .filter(|(_, p)| p.is_running())
-            .map(|(id, _)| *id)
-            .collect();
+        let members = self.running_members(&self.mgmtd, "mgmtd", |id| self.spec.mgmtd_addr(id));
         wait_for(
             "an agreed mgmtd leader",
             timeout,
             Duration::from_millis(50),
             || async {
                 self.check_processes()?;
-                let mut leaders = Vec::new();
-                for id in &running {
-                    let status = self.mgmtd_status(*id).await.map_err(NotReady::from)?;
-                    leaders.push(status.leader_id);
-                }
-                let first = leaders.first().copied().unwrap_or(0);
-                if first != 0 && Some(first) != not && leaders.iter().all(|l| *l == first) {
-                    Ok(first)
-                } else {
-                    Err(format!("leaders seen: {leaders:?}").into())
-                }
+                crate::raft::agreed_leader(&self.client, &members, not).await
             },
         )
         .await
+    }
+
+    /// (name, address) of every running replica in `group`.
+    fn running_members(
+        &self,
+        group: &BTreeMap<u64, ChildProcess>,
+        kind: &str,
+        addr: impl Fn(u64) -> String,
+    ) -> Vec<(String, String)> {
+        group
+            .iter()
+            .filter(|(_, p)| p.is_running())
+            .map(|(id, _)| (format!("{kind}-{id}"), addr(*id)))
+            .collect()
     }
 
     /// Waits until every running mgmtd replica has applied everything the leader committed.
@@ -610,15 +607,7 @@ impl Fs3Cluster {
         name: &str,
         addr: &str,
     ) -> Result<ff_raft::proto::StatusReply, String> {
-        let channel = self.client.channel_to(addr).map_err(|e| e.to_string())?;
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            RaftClient::new(channel).status(StatusRequest {}),
-        )
-        .await
-        .map_err(|_| format!("{name}: status timed out"))?
-        .map(tonic::Response::into_inner)
-        .map_err(|s| format!("{name}: {}", s.message()))
+        crate::raft::status(&self.client, name, addr).await
     }
 
     /// Waits until the running meta replicas agree on a leader other than `not`; returns it.
@@ -627,32 +616,12 @@ impl Fs3Cluster {
         not: Option<u64>,
         timeout: Duration,
     ) -> anyhow::Result<u64> {
-        let running: Vec<u64> = self
-            .meta
-            .iter()
-            .filter(|(_, p)| p.is_running())
-            .map(|(id, _)| *id)
-            .collect();
+        let members = self.running_members(&self.meta, "meta", |id| self.spec.meta_addr(id));
         wait_for(
             "an agreed meta leader",
             timeout,
             Duration::from_millis(50),
-            || async {
-                let mut leaders = Vec::new();
-                for id in &running {
-                    let status = self
-                        .raft_status(&format!("meta-{id}"), &self.spec.meta_addr(*id))
-                        .await
-                        .map_err(NotReady::from)?;
-                    leaders.push(status.leader_id);
-                }
-                let first = leaders.first().copied().unwrap_or(0);
-                if first != 0 && Some(first) != not && leaders.iter().all(|l| *l == first) {
-                    Ok(first)
-                } else {
-                    Err(format!("meta leaders seen: {leaders:?}").into())
-                }
-            },
+            || crate::raft::agreed_leader(&self.client, &members, not),
         )
         .await
     }

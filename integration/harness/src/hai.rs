@@ -13,8 +13,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ff_raft::proto::StatusRequest;
-use ff_raft::proto::raft_client::RaftClient;
 use ff_raft::{MemberConfig, RaftConfig};
 use ff_rpc::{ClientOptions, LeaderClient};
 use hai_agent::AgentConfig;
@@ -393,40 +391,17 @@ impl HaiCluster {
         not: Option<u64>,
         timeout: Duration,
     ) -> anyhow::Result<u64> {
-        let running: Vec<u64> = self
+        let members: Vec<(String, String)> = self
             .servers
             .iter()
             .filter(|(_, p)| p.is_running())
-            .map(|(id, _)| *id)
+            .map(|(id, _)| (format!("server-{id}"), self.spec.server_addr(*id)))
             .collect();
         wait_for(
             "an agreed hai leader",
             timeout,
             Duration::from_millis(20),
-            || async {
-                let mut leaders = Vec::new();
-                for id in &running {
-                    let channel = self
-                        .client
-                        .channel_to(&self.spec.server_addr(*id))
-                        .map_err(|e| NotReady::from(e.to_string()))?;
-                    let status = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        RaftClient::new(channel).status(StatusRequest {}),
-                    )
-                    .await
-                    .map_err(|_| NotReady::from(format!("server-{id}: status timed out")))?
-                    .map_err(|s| NotReady::from(format!("server-{id}: {}", s.message())))?
-                    .into_inner();
-                    leaders.push(status.leader_id);
-                }
-                let first = leaders.first().copied().unwrap_or(0);
-                if first != 0 && Some(first) != not && leaders.iter().all(|l| *l == first) {
-                    Ok(first)
-                } else {
-                    Err(format!("leaders seen: {leaders:?}").into())
-                }
-            },
+            || crate::raft::agreed_leader(&self.client, &members, not),
         )
         .await
     }

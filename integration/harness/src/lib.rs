@@ -1,5 +1,6 @@
 //! ff-harness: real processes on one machine, for tests, demos and benchmarks.
 //!
+//! - [`raft`]: asking a raft group's replicas who leads.
 //! - [`process`]: one supervised child process (start, SIGTERM with grace, SIGKILL, log file).
 //! - [`ports`]: finding free loopback ports, refusing ports already in use.
 //! - [`fs3`]: a local fs3 cluster (mgmtd replicas and storage daemons as processes).
@@ -13,6 +14,7 @@ pub mod fs3;
 pub mod hai;
 pub mod ports;
 pub mod process;
+pub mod raft;
 pub mod tmpfs;
 
 pub use ports::{ensure_free, free_port_block};

@@ -64,11 +64,8 @@ impl Default for MetaConfig {
 impl MetaConfig {
     /// Where the administrator's token lives.
     pub fn admin_token_path(&self) -> PathBuf {
-        if self.admin_token_file.is_absolute() {
-            self.admin_token_file.clone()
-        } else {
-            self.raft.data_dir.join(&self.admin_token_file)
-        }
+        // `join` keeps an absolute path as it is.
+        self.raft.data_dir.join(&self.admin_token_file)
     }
 }
 

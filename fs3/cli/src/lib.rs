@@ -46,6 +46,9 @@ enum Cmd {
         /// Mount options: allow_other, ro, nonempty, cache_timeout=SECONDS, threads=N.
         #[arg(short = 'o', value_delimiter = ',')]
         options: Vec<String>,
+        /// Serve the mount's Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9105).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
     },
     #[command(flatten)]
     Files(files::FileCmd),
@@ -320,9 +323,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Mount {
             mountpoint,
             options,
+            metrics_addr,
         } => {
             ff_raft::init_logging();
-            mount::run(mountpoint, &options, &connect, async {
+            mount::run(mountpoint, &options, metrics_addr, &connect, async {
                 Ok(ff_raft::stop_signal(false).await?)
             })
             .await

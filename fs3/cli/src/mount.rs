@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use fs3_fuse::MountOptions;
+use fs3_fuse::{FuseMetrics, MountOptions};
 
 use crate::files::Connect;
 
@@ -50,14 +50,30 @@ pub fn parse_options(options: &[String]) -> anyhow::Result<MountOptions> {
 pub async fn run(
     mountpoint: PathBuf,
     options: &[String],
+    metrics_addr: Option<String>,
     connect: &Connect,
     stop: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let options = parse_options(options)?;
     // Check the mountpoint before connecting: a bad path is the more common mistake.
     fs3_fuse::check_mountpoint(&mountpoint, options.nonempty)?;
+    let registry = ff_metrics::prometheus::Registry::new();
+    let metrics = FuseMetrics::register(&registry)?;
+    let metrics_server = match metrics_addr {
+        Some(addr) => Some(ff_metrics::MetricsServer::start(&addr, registry).await?),
+        None => None,
+    };
     let fs = Arc::new(connect.connect().await?);
-    let session = fs3_fuse::mount(fs, tokio::runtime::Handle::current(), &mountpoint, &options)?;
+    let session = fs3_fuse::mount(
+        fs,
+        tokio::runtime::Handle::current(),
+        &mountpoint,
+        &options,
+        metrics,
+    )?;
+    if let Some(server) = &metrics_server {
+        eprintln!("metrics at http://{}/metrics", server.local_addr());
+    }
     ff_config::systemd::notify_ready();
     eprintln!(
         "fs3 mounted at {} (Ctrl-C or SIGTERM unmounts)",

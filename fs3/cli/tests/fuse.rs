@@ -43,6 +43,7 @@ async fn mounted_cluster() -> Option<(tempfile::TempDir, Fs3Cluster, Mount)> {
         &cluster,
         &dir.path().join("mnt"),
         &dir.path().join("mount.log"),
+        0,
     )
     .await
     .unwrap();
@@ -499,6 +500,18 @@ async fn large_files_trees_and_concurrency() {
     assert_eq!(sha256(&mnt.join("big.bin")), sha256(&source));
     std::fs::remove_file(dir.path().join("back.bin")).unwrap();
 
+    // The mount's own series saw that traffic, and a failed lookup as an error.
+    assert!(std::fs::metadata(mnt.join("no-such-file")).is_err());
+    let metrics = ff_metrics::http_get(mount.metrics_addr(), "/metrics")
+        .await
+        .unwrap();
+    let series = |name: &str| common::metric_value(&metrics, name);
+    assert!(series("fs3_fuse_bytes_total{direction=\"write\"}") >= (256 << 20) as f64);
+    assert!(series("fs3_fuse_requests_total{op=\"write\",outcome=\"ok\"}") >= 256.0);
+    assert!(series("fs3_fuse_requests_total{op=\"lookup\",outcome=\"error\"}") >= 1.0);
+    assert!(series("fs3_fuse_request_seconds_count{op=\"flush\"}") >= 1.0);
+    assert_eq!(series("fs3_fuse_writeback_errors_total"), 0.0);
+
     // A tree of over a thousand files with symlinks and hard links, through tar.
     let tree = dir.path().join("tree");
     let files = make_tree(&tree, 8, 16);
@@ -625,7 +638,7 @@ async fn storage_and_fuse_daemons_die_under_the_mount() {
         "{refused:?}"
     );
     nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH).unwrap();
-    let remounted = Mount::start(&cluster, &mnt, &log).await.unwrap();
+    let remounted = Mount::start(&cluster, &mnt, &log, 0).await.unwrap();
     assert_eq!(
         std::fs::read(mnt.join("synced.txt")).unwrap(),
         b"durable bytes"

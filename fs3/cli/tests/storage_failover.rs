@@ -74,13 +74,6 @@ async fn metric_text(cluster: &ff_harness::fs3::Fs3Cluster, daemon: &str) -> Str
     ff_metrics::http_get(&addr, "/metrics").await.unwrap()
 }
 
-/// The value of the series named exactly `series` (name and labels).
-fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series}"))
-}
-
 /// Waits until `count` acknowledged writes more than now have happened.
 async fn wait_progress(stream: &Stream, more: u64, timeout: Duration) {
     let start = stream.count.load(Ordering::Relaxed);
@@ -187,7 +180,7 @@ async fn kill_storage_mid_stream_then_resync(position: usize) {
     .await
     .unwrap();
     assert!(
-        metric_value(&mgmtd_metrics, "fs3_mgmtd_chain_changes_total") >= 1.0,
+        common::metric_value(&mgmtd_metrics, "fs3_mgmtd_chain_changes_total") >= 1.0,
         "{mgmtd_metrics}"
     );
     // Changes the victim misses and nothing rewrites later: only the resync can bring them.
@@ -262,7 +255,7 @@ async fn kill_storage_mid_stream_then_resync(position: usize) {
     let mut synced = 0.0;
     for node in 1..=3 {
         let text = metric_text(&cluster, &format!("storage-{node}")).await;
-        synced += metric_value(&text, "fs3_storage_recovery_chunks_total{kind=\"synced\"}");
+        synced += common::metric_value(&text, "fs3_storage_recovery_chunks_total{kind=\"synced\"}");
     }
     assert!(
         synced >= 16.0,

@@ -10,6 +10,7 @@
 //! the configured timeout; a writer's length reaches meta when it closes or fsyncs the file,
 //! and until then this mount serves the length it has written itself.
 
+mod metrics;
 mod writeback;
 
 use std::collections::HashMap;
@@ -18,7 +19,7 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fs3_client::{Fs3, FsError, WriteSession};
@@ -33,6 +34,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 
 use crate::writeback::InodeWrites;
+pub use metrics::FuseMetrics;
 
 /// The block size `stat` reports for files: tools like `cp` size their I/O by it.
 const FILE_BLOCK_SIZE: u32 = 1 << 20;
@@ -171,6 +173,7 @@ pub fn mount(
     runtime: Handle,
     mountpoint: &Path,
     options: &MountOptions,
+    metrics: FuseMetrics,
 ) -> Result<fuser::BackgroundSession, MountError> {
     let mountpoint = check_mountpoint(mountpoint, options.nonempty)?;
     let mut config = fuser::Config::default();
@@ -202,6 +205,7 @@ pub fn mount(
             write_budget: Arc::new(Semaphore::new(budget_units(options.write_behind))),
             write_budget_units: u32::try_from(budget_units(options.write_behind))
                 .unwrap_or(u32::MAX),
+            metrics,
         }),
         runtime,
     };
@@ -285,6 +289,7 @@ struct Inner {
     groups: GroupsCache,
     write_budget: Arc<Semaphore>,
     write_budget_units: u32,
+    metrics: FuseMetrics,
 }
 
 /// The FUSE file system.
@@ -300,6 +305,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn errno(error: &FsError) -> Errno {
     Errno::from_i32(error.errno)
+}
+
+/// Answers an operation with nothing to return; whether it succeeded.
+fn empty_reply(reply: ReplyEmpty, result: Result<(), FsError>) -> bool {
+    match result {
+        Ok(()) => {
+            reply.ok();
+            true
+        }
+        Err(error) => {
+            reply.error(errno(&error));
+            false
+        }
+    }
 }
 
 /// How long a caller's supplementary groups are reused before `/proc` is read again.
@@ -451,6 +470,7 @@ impl Inner {
             }
         }
         lock(&self.handles).insert(fh, Arc::new(file));
+        self.metrics.open_files.inc();
         fh
     }
 
@@ -514,14 +534,21 @@ impl Inner {
         }
     }
 
-    fn entry_reply(&self, reply: ReplyEntry, result: Result<Inode, FsError>) {
+    /// Answers with the entry or the error; whether it was the entry.
+    fn entry_reply(&self, reply: ReplyEntry, result: Result<Inode, FsError>) -> bool {
         match result {
-            Ok(inode) => reply.entry(
-                &self.options.cache_timeout,
-                &self.attr(&inode),
-                Generation(0),
-            ),
-            Err(error) => reply.error(errno(&error)),
+            Ok(inode) => {
+                reply.entry(
+                    &self.options.cache_timeout,
+                    &self.attr(&inode),
+                    Generation(0),
+                );
+                true
+            }
+            Err(error) => {
+                reply.error(errno(&error));
+                false
+            }
         }
     }
 
@@ -532,12 +559,24 @@ impl Inner {
 }
 
 impl Fs3Fuse {
-    /// Runs `work` on the runtime; its result goes to the kernel through `reply`.
-    fn spawn<F>(&self, work: F)
+    /// Runs `work`, the answer to one `op` request, on the runtime; its result goes to the
+    /// kernel through the reply it owns, and whether that was a success (`true`) to the
+    /// request series.
+    fn spawn<F>(&self, op: &'static str, work: F)
     where
-        F: std::future::Future<Output = ()> + Send + 'static,
+        F: std::future::Future<Output = bool> + Send + 'static,
     {
-        self.runtime.spawn(work);
+        let started = Instant::now();
+        let metrics = self.inner.metrics.clone();
+        self.runtime.spawn(async move {
+            let ok = work.await;
+            metrics.requests.observe(op, started, ok);
+        });
+    }
+
+    /// Counts an `op` request answered without going to the runtime.
+    fn answered(&self, op: &'static str, started: Instant, ok: bool) {
+        self.inner.metrics.requests.observe(op, started, ok);
     }
 }
 
@@ -556,19 +595,25 @@ impl Filesystem for Fs3Fuse {
         let inner = self.inner.clone();
         let creds = self.inner.groups.credentials(req);
         let name = name.as_bytes().to_vec();
-        self.spawn(async move {
+        self.spawn("lookup", async move {
             let result = inner.fs.lookup(&creds, parent.0, &name).await;
-            inner.entry_reply(reply, result);
+            inner.entry_reply(reply, result)
         });
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let inner = self.inner.clone();
         let creds = self.inner.groups.credentials(req);
-        self.spawn(async move {
+        self.spawn("getattr", async move {
             match inner.fs.getattr(&creds, ino.0).await {
-                Ok(inode) => reply.attr(&inner.options.cache_timeout, &inner.attr(&inode)),
-                Err(error) => reply.error(errno(&error)),
+                Ok(inode) => {
+                    reply.attr(&inner.options.cache_timeout, &inner.attr(&inode));
+                    true
+                }
+                Err(error) => {
+                    reply.error(errno(&error));
+                    false
+                }
             }
         });
     }
@@ -614,7 +659,7 @@ impl Filesystem for Fs3Fuse {
             Some(TimeOrNow::SpecificTime(t)) => op.mtime_ns = Some(time_ns(t)),
             None => {}
         }
-        self.spawn(async move {
+        self.spawn("setattr", async move {
             if size.is_some() {
                 inner.wait_writes(ino.0).await;
             }
@@ -622,7 +667,10 @@ impl Filesystem for Fs3Fuse {
             if let Some(file) = &by_handle {
                 match inner.session_of(file).await {
                     Ok(session) => op.session = session.session,
-                    Err(error) => return reply.error(errno(&error)),
+                    Err(error) => {
+                        reply.error(errno(&error));
+                        return false;
+                    }
                 }
             }
             match inner.fs.setattr(&creds, op).await {
@@ -641,8 +689,12 @@ impl Filesystem for Fs3Fuse {
                         }
                     }
                     reply.attr(&inner.options.cache_timeout, &inner.attr(&inode));
+                    true
                 }
-                Err(error) => reply.error(errno(&error)),
+                Err(error) => {
+                    reply.error(errno(&error));
+                    false
+                }
             }
         });
     }
@@ -650,13 +702,20 @@ impl Filesystem for Fs3Fuse {
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let inner = self.inner.clone();
         let creds = self.inner.groups.credentials(req);
-        self.spawn(async move {
+        self.spawn("readlink", async move {
             match inner.fs.getattr(&creds, ino.0).await {
                 Ok(inode) if inode.kind == InodeKind::Symlink as i32 => {
-                    reply.data(&inode.symlink_target)
+                    reply.data(&inode.symlink_target);
+                    true
                 }
-                Ok(_) => reply.error(Errno::EINVAL),
-                Err(error) => reply.error(errno(&error)),
+                Ok(_) => {
+                    reply.error(Errno::EINVAL);
+                    false
+                }
+                Err(error) => {
+                    reply.error(errno(&error));
+                    false
+                }
             }
         });
     }
@@ -674,6 +733,7 @@ impl Filesystem for Fs3Fuse {
         if mode & libc::S_IFMT != libc::S_IFREG {
             // Devices, FIFOs and sockets have no place on a distributed data store.
             reply.error(Errno::EPERM);
+            self.answered("mknod", Instant::now(), false);
             return;
         }
         self.create_entry(
@@ -747,6 +807,7 @@ impl Filesystem for Fs3Fuse {
     ) {
         if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
             reply.error(Errno::EINVAL);
+            self.answered("rename", Instant::now(), false);
             return;
         }
         let inner = self.inner.clone();
@@ -754,15 +815,12 @@ impl Filesystem for Fs3Fuse {
         let name = name.as_bytes().to_vec();
         let newname = newname.as_bytes().to_vec();
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        self.spawn(async move {
-            match inner
+        self.spawn("rename", async move {
+            let result = inner
                 .fs
                 .rename(&creds, parent.0, &name, newparent.0, &newname, no_replace)
-                .await
-            {
-                Ok(()) => reply.ok(),
-                Err(error) => reply.error(errno(&error)),
-            }
+                .await;
+            empty_reply(reply, result)
         });
     }
 
@@ -777,9 +835,9 @@ impl Filesystem for Fs3Fuse {
         let inner = self.inner.clone();
         let creds = self.inner.groups.credentials(req);
         let newname = newname.as_bytes().to_vec();
-        self.spawn(async move {
+        self.spawn("link", async move {
             let result = inner.fs.link(&creds, ino.0, newparent.0, &newname).await;
-            inner.entry_reply(reply, result);
+            inner.entry_reply(reply, result)
         });
     }
 
@@ -789,13 +847,17 @@ impl Filesystem for Fs3Fuse {
         // The kernel has checked the permission (default_permissions) and applies O_TRUNC
         // itself with a setattr; a writer's session waits for its first write.
         let writable = Inner::is_writable(flags);
-        self.spawn(async move {
+        self.spawn("open", async move {
             match inner.fs.getattr(&creds, ino.0).await {
                 Ok(inode) => {
                     let fh = inner.add_handle(OpenFile::new(inode, writable, creds));
                     reply.opened(FileHandle(fh), FopenFlags::empty());
+                    true
                 }
-                Err(error) => reply.error(errno(&error)),
+                Err(error) => {
+                    reply.error(errno(&error));
+                    false
+                }
             }
         });
     }
@@ -815,7 +877,7 @@ impl Filesystem for Fs3Fuse {
         let name = name.as_bytes().to_vec();
         let exclusive = flags & libc::O_EXCL != 0;
         let truncate = flags & libc::O_TRUNC != 0;
-        self.spawn(async move {
+        self.spawn("create", async move {
             match inner
                 .fs
                 .create_file_unopened(
@@ -838,8 +900,12 @@ impl Filesystem for Fs3Fuse {
                         FileHandle(fh),
                         FopenFlags::empty(),
                     );
+                    true
                 }
-                Err(error) => reply.error(errno(&error)),
+                Err(error) => {
+                    reply.error(errno(&error));
+                    false
+                }
             }
         });
     }
@@ -858,9 +924,12 @@ impl Filesystem for Fs3Fuse {
         let inner = self.inner.clone();
         let file = match inner.handle(fh) {
             Ok(file) => file,
-            Err(error) => return reply.error(error),
+            Err(error) => {
+                reply.error(error);
+                return self.answered("read", Instant::now(), false);
+            }
         };
-        self.spawn(async move {
+        self.spawn("read", async move {
             // Reads see this mount's own writes.
             if let Some(writes) = inner.writes_of(file.inode.id) {
                 writes
@@ -874,8 +943,15 @@ impl Filesystem for Fs3Fuse {
                 .read_at(inode, length, offset, u64::from(size))
                 .await
             {
-                Ok(data) => reply.data(&data),
-                Err(error) => reply.error(errno(&error)),
+                Ok(data) => {
+                    inner.metrics.read(data.len());
+                    reply.data(&data);
+                    true
+                }
+                Err(error) => {
+                    reply.error(errno(&error));
+                    false
+                }
             }
         });
     }
@@ -895,19 +971,25 @@ impl Filesystem for Fs3Fuse {
         let inner = self.inner.clone();
         let file = match inner.handle(fh) {
             Ok(file) => file,
-            Err(error) => return reply.error(error),
+            Err(error) => {
+                reply.error(error);
+                return self.answered("write", Instant::now(), false);
+            }
         };
         let data = Bytes::copy_from_slice(data);
-        self.spawn(async move {
+        self.spawn("write", async move {
             let Some(writes) = inner.writes_of(ino.0).filter(|_| file.writable) else {
-                return reply.error(Errno::EBADF);
+                reply.error(Errno::EBADF);
+                return false;
             };
             if let Some(error) = writes.error_since(&file.seen_error) {
-                return reply.error(errno(&error));
+                reply.error(errno(&error));
+                return false;
             }
             // The session exists before any data lands (an unlinked file keeps it).
             if let Err(error) = inner.session_of(&file).await {
-                return reply.error(errno(&error));
+                reply.error(errno(&error));
+                return false;
             }
             let len = data.len() as u64;
             let end = offset.saturating_add(len);
@@ -917,22 +999,29 @@ impl Filesystem for Fs3Fuse {
                 .unwrap_or(u32::MAX)
                 .min(inner.write_budget_units);
             let Ok(permit) = inner.write_budget.clone().acquire_many_owned(units).await else {
-                return reply.error(Errno::EIO);
+                reply.error(Errno::EIO);
+                return false;
             };
             let fs = inner.fs.clone();
             let background = file.clone();
+            let metrics = inner.metrics.clone();
             writes.start(offset, end, async move {
                 let result = match background.session.get() {
                     Some((inode, session)) => fs.write_at(inode, session, offset, data).await,
                     None => Ok(()),
                 };
                 drop(permit);
+                if result.is_err() {
+                    metrics.writeback_errors.inc();
+                }
                 result
             });
             if let Some(local) = lock(&inner.sizes).get_mut(&ino.0) {
                 local.size = local.size.max(end);
             }
+            inner.metrics.written(len);
             reply.written(u32::try_from(len).unwrap_or(u32::MAX));
+            true
         });
     }
 
@@ -946,18 +1035,7 @@ impl Filesystem for Fs3Fuse {
     ) {
         // close(2) waits for this: the length reaches meta before close returns
         // (close-to-open consistency for other clients).
-        let inner = self.inner.clone();
-        let file = match inner.handle(fh) {
-            Ok(file) => file,
-            Err(error) => return reply.error(error),
-        };
-        let creds = self.inner.groups.credentials(req);
-        self.spawn(async move {
-            match inner.report(&creds, &file, true).await {
-                Ok(()) => reply.ok(),
-                Err(error) => reply.error(errno(&error)),
-            }
-        });
+        self.report_length("flush", req, fh, reply);
     }
 
     fn fsync(
@@ -969,7 +1047,7 @@ impl Filesystem for Fs3Fuse {
         reply: ReplyEmpty,
     ) {
         // Data is durable on every replica once a write returns; fsync makes the length so.
-        self.flush(req, _ino, fh, LockOwner(0), reply);
+        self.report_length("fsync", req, fh, reply);
     }
 
     fn release(
@@ -984,14 +1062,17 @@ impl Filesystem for Fs3Fuse {
     ) {
         let inner = self.inner.clone();
         let Some(file) = lock(&inner.handles).remove(&fh.0) else {
-            return reply.error(Errno::EBADF);
+            reply.error(Errno::EBADF);
+            return self.answered("release", Instant::now(), false);
         };
+        inner.metrics.open_files.dec();
         // close(2) does not wait for release, and flush already made the length visible: the
         // session ends in the background (its errors can only be logged, as the kernel's are).
         reply.ok();
         let creds = self.inner.groups.credentials(req);
-        self.spawn(async move {
-            if let Err(error) = inner.report(&creds, &file, false).await {
+        self.spawn("release", async move {
+            let reported = inner.report(&creds, &file, false).await;
+            if let Err(error) = &reported {
                 tracing::warn!(inode = ino.0, %error, "reporting at close failed");
                 // The session must end whatever failed before, or an unlinked file would be
                 // kept for as long as this mount lives.
@@ -1010,13 +1091,14 @@ impl Filesystem for Fs3Fuse {
                     }
                 }
             }
+            reported.is_ok()
         });
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let inner = self.inner.clone();
         let creds = self.inner.groups.credentials(req);
-        self.spawn(async move {
+        self.spawn("opendir", async move {
             let listing = async {
                 let dir = inner.fs.getattr(&creds, ino.0).await?;
                 let entries = inner.fs.readdir_all(&creds, ino.0).await?;
@@ -1035,8 +1117,12 @@ impl Filesystem for Fs3Fuse {
                     let fh = inner.next_handle.fetch_add(1, Ordering::Relaxed);
                     lock(&inner.dirs).insert(fh, Arc::new(all));
                     reply.opened(FileHandle(fh), FopenFlags::empty());
+                    true
                 }
-                Err(error) => reply.error(errno(&error)),
+                Err(error) => {
+                    reply.error(errno(&error));
+                    false
+                }
             }
         });
     }
@@ -1049,8 +1135,10 @@ impl Filesystem for Fs3Fuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let started = Instant::now();
         let Some(entries) = lock(&self.inner.dirs).get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
+            reply.error(Errno::EBADF);
+            return self.answered("readdir", started, false);
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(start) {
@@ -1064,6 +1152,7 @@ impl Filesystem for Fs3Fuse {
             }
         }
         reply.ok();
+        self.answered("readdir", started, true);
     }
 
     fn releasedir(
@@ -1074,13 +1163,14 @@ impl Filesystem for Fs3Fuse {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        lock(&self.inner.dirs).remove(&fh.0);
+        let known = lock(&self.inner.dirs).remove(&fh.0).is_some();
         reply.ok();
+        self.answered("releasedir", Instant::now(), known);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let inner = self.inner.clone();
-        self.spawn(async move {
+        self.spawn("statfs", async move {
             match inner.fs.statfs().await {
                 Ok(s) => {
                     const BLOCK: u64 = 4096;
@@ -1096,14 +1186,35 @@ impl Filesystem for Fs3Fuse {
                         255,
                         BLOCK as u32,
                     );
+                    true
                 }
-                Err(error) => reply.error(errno(&error)),
+                Err(error) => {
+                    reply.error(errno(&error));
+                    false
+                }
             }
         });
     }
 }
 
 impl Fs3Fuse {
+    /// flush and fsync: the handle's written length reaches meta before the answer.
+    fn report_length(&self, op: &'static str, req: &Request, fh: FileHandle, reply: ReplyEmpty) {
+        let inner = self.inner.clone();
+        let file = match inner.handle(fh) {
+            Ok(file) => file,
+            Err(error) => {
+                reply.error(error);
+                return self.answered(op, Instant::now(), false);
+            }
+        };
+        let creds = self.inner.groups.credentials(req);
+        self.spawn(op, async move {
+            let result = inner.report(&creds, &file, true).await;
+            empty_reply(reply, result)
+        });
+    }
+
     /// mknod (regular files), mkdir and symlink: create the entry, reply with it.
     #[allow(clippy::too_many_arguments)]
     fn create_entry(
@@ -1120,12 +1231,17 @@ impl Fs3Fuse {
         let creds = self.inner.groups.credentials(req);
         let name = name.as_bytes().to_vec();
         let target = symlink_target.to_vec();
-        self.spawn(async move {
+        let op = match kind {
+            InodeKind::Directory => "mkdir",
+            InodeKind::Symlink => "symlink",
+            _ => "mknod",
+        };
+        self.spawn(op, async move {
             let result = inner
                 .fs
                 .create(&creds, parent.0, &name, kind, mode, &target)
                 .await;
-            inner.entry_reply(reply, result);
+            inner.entry_reply(reply, result)
         });
     }
 
@@ -1140,16 +1256,15 @@ impl Fs3Fuse {
         let inner = self.inner.clone();
         let creds = self.inner.groups.credentials(req);
         let name = name.as_bytes().to_vec();
-        self.spawn(async move {
+        let op = if directory { "rmdir" } else { "unlink" };
+        self.spawn(op, async move {
             if !directory {
                 inner
                     .open_sessions_before_unlink(&creds, parent.0, &name)
                     .await;
             }
-            match inner.fs.remove(&creds, parent.0, &name, directory).await {
-                Ok(()) => reply.ok(),
-                Err(error) => reply.error(errno(&error)),
-            }
+            let result = inner.fs.remove(&creds, parent.0, &name, directory).await;
+            empty_reply(reply, result)
         });
     }
 }

@@ -30,6 +30,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(90);
 struct Ports {
     fs3: u16,
     hai: u16,
+    /// The mount's metrics (absent in stacks made before the mount served any).
+    #[serde(default)]
+    fuse_metrics: u16,
 }
 
 /// A running stack.
@@ -80,21 +83,24 @@ impl Stack {
             link(&dir.join("bin"), name, &exe)?;
         }
         let ports_path = dir.join("ports.json");
-        let ports: Ports = match std::fs::read(&ports_path) {
+        let mut ports: Ports = match std::fs::read(&ports_path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .with_context(|| format!("{}", ports_path.display()))?,
             Err(_) => {
                 let fs3 = fs3_spec(&dir, 0).port_count();
                 let hai = hai_spec(&dir, 0).port_count();
-                let base = ff_harness::free_port_block(fs3 + hai)?;
-                let ports = Ports {
+                let base = ff_harness::free_port_block(fs3 + hai + 1)?;
+                Ports {
                     fs3: base,
                     hai: base + fs3,
-                };
-                std::fs::write(&ports_path, serde_json::to_vec(&ports)?)?;
-                ports
+                    fuse_metrics: base + fs3 + hai,
+                }
             }
         };
+        if ports.fuse_metrics == 0 {
+            ports.fuse_metrics = ff_harness::free_port_block(1)?;
+        }
+        std::fs::write(&ports_path, serde_json::to_vec(&ports)?)?;
         std::fs::create_dir_all(dir.join("fs3"))?;
         std::fs::create_dir_all(dir.join("hai"))?;
         println!("starting fs3 (mgmtd, meta, 3 storage daemons) ...");
@@ -113,7 +119,7 @@ impl Stack {
                 .status();
         }
         println!("mounting fs3 at {} ...", point.display());
-        let mount = Mount::start(&fs3, &point, &dir.join("mount.log")).await?;
+        let mount = Mount::start(&fs3, &point, &dir.join("mount.log"), ports.fuse_metrics).await?;
         println!("starting hai (3 servers, 2 agents) ...");
         let hai = HaiCluster::start(hai_spec(&dir, ports.hai), START_TIMEOUT).await?;
         let stack = Stack {
@@ -149,7 +155,7 @@ impl Stack {
             name: "fs3-mount".to_string(),
             pid: self.mount.process.pid(),
             address: self.mount.point().display().to_string(),
-            metrics: String::new(),
+            metrics: self.mount.metrics_addr().to_string(),
         });
         all.extend(self.hai.processes());
         all
@@ -200,7 +206,7 @@ impl Stack {
             .filter(|p| !p.metrics.is_empty())
             .map(|p| {
                 let role = match p.role.as_str() {
-                    "mgmtd" | "meta" | "storage" => format!("fs3-{}", p.role),
+                    "mgmtd" | "meta" | "storage" | "fuse" => format!("fs3-{}", p.role),
                     other => other.to_string(),
                 };
                 serde_json::json!({

@@ -763,17 +763,25 @@ pub struct Mount {
     /// The FUSE daemon.
     pub process: ChildProcess,
     point: PathBuf,
+    metrics_addr: String,
 }
 
 impl Mount {
     /// Mounts `cluster` at `point` (created if missing) with `allow_other` and the
-    /// administrator's token, logging to `log`; waits until the kernel lists the mount.
+    /// administrator's token, logging to `log`, serving its metrics on `metrics_port` of
+    /// 127.0.0.1 (0: a free port); waits until the kernel lists the mount.
     pub async fn start(
         cluster: &Fs3Cluster,
         point: &std::path::Path,
         log: &std::path::Path,
+        metrics_port: u16,
     ) -> anyhow::Result<Mount> {
         std::fs::create_dir_all(point)?;
+        let metrics_port = match metrics_port {
+            0 => crate::free_port_block(1)?,
+            port => port,
+        };
+        let metrics_addr = format!("127.0.0.1:{metrics_port}");
         let mut process = ChildProcess::new(
             "fs3-mount",
             &cluster.spec.binary,
@@ -786,6 +794,8 @@ impl Mount {
                 cluster.mgmtd_endpoints().join(","),
                 "--token-file".to_string(),
                 cluster.admin_token_path().display().to_string(),
+                "--metrics-addr".to_string(),
+                metrics_addr.clone(),
             ],
             log,
         );
@@ -793,6 +803,7 @@ impl Mount {
         let mount = Mount {
             process,
             point: point.to_path_buf(),
+            metrics_addr,
         };
         mount.wait_mounted().await?;
         Ok(mount)
@@ -801,6 +812,11 @@ impl Mount {
     /// The mount point.
     pub fn point(&self) -> &std::path::Path {
         &self.point
+    }
+
+    /// Where the FUSE daemon serves `/metrics`.
+    pub fn metrics_addr(&self) -> &str {
+        &self.metrics_addr
     }
 
     async fn wait_mounted(&self) -> anyhow::Result<()> {

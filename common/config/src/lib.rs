@@ -96,6 +96,21 @@ pub fn ensure_socket_addr(value: &str, field: &str, optional: bool) -> Result<()
     )
 }
 
+/// Checks that `value` is a `host:port` address another machine can dial: an IP address or a
+/// DNS name (a Kubernetes service, say) with a port above 0.
+pub fn ensure_host_port(value: &str, field: &str) -> Result<(), ConfigError> {
+    let valid = value.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && !host.contains(char::is_whitespace)
+            && port.parse::<u16>().is_ok_and(|p| p != 0)
+    });
+    ensure(
+        valid,
+        field,
+        format!("{value:?} is not a host:port address"),
+    )
+}
+
 /// The configuration of one daemon.
 pub trait DaemonConfig: DeserializeOwned + Serialize + Default {
     /// Prefix of the environment variables that override fields: with `FF_KV`, the variable

@@ -159,7 +159,7 @@ impl RaftConfig {
             &field("data_dir"),
             "must not be empty",
         )?;
-        check_addr(&self.advertise_addr, &field("advertise_addr"))?;
+        ff_config::ensure_host_port(&self.advertise_addr, &field("advertise_addr"))?;
         let mut ids = std::collections::HashSet::new();
         for member in &self.initial_members {
             ensure(
@@ -172,7 +172,7 @@ impl RaftConfig {
                 &field("initial_members"),
                 format!("member id {} is listed twice", member.id),
             )?;
-            check_addr(&member.addr, &field("initial_members"))?;
+            ff_config::ensure_host_port(&member.addr, &field("initial_members"))?;
             if member.id == self.node_id {
                 ensure(
                     member.addr == self.advertise_addr,
@@ -288,13 +288,6 @@ impl RaftConfig {
     pub fn election_timeout(&self) -> std::time::Duration {
         self.tick_interval.get() * self.election_ticks as u32
     }
-}
-
-fn check_addr(addr: &str, field: &str) -> Result<(), ConfigError> {
-    let valid = addr
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
-    ensure(valid, field, format!("{addr:?} is not a host:port address"))
 }
 
 #[cfg(test)]

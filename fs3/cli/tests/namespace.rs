@@ -280,3 +280,40 @@ async fn a_dead_writers_length_is_recovered_from_storage() {
     assert!(data == content, "recovered content differs");
     cluster.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_listening_on_the_wildcard_are_dialled_by_host_name() {
+    // As in Kubernetes: every daemon binds 0.0.0.0 and is reached by a name to resolve
+    // (`localhost` here, which may resolve to ::1 first), raft peers and storage included.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = common::spec(dir.path(), 3, 3);
+    spec.meta_replicas = 1;
+    spec.dial_by_name = true;
+    let mut cluster = common::start(spec).await;
+    let routing = cluster.routing().await.unwrap();
+    // What the storage daemons advertise, not what they bind.
+    assert!(
+        routing.nodes.len() >= 3
+            && routing
+                .nodes
+                .iter()
+                .all(|n| n.addr.starts_with("localhost:")),
+        "{:?}",
+        routing.nodes
+    );
+
+    let fs = cluster.fs_client().await.unwrap();
+    let root = Credentials::default();
+    let content = pattern(2_500_000, 3);
+    let (inode, session) = fs
+        .create_file(&root, ROOT, b"named", 0o644, true, false)
+        .await
+        .unwrap();
+    fs.write_at(&inode, &session, 0, Bytes::copy_from_slice(&content))
+        .await
+        .unwrap();
+    let inode = fs.sync_session(&root, &session, false).await.unwrap();
+    let read = fs.read_at(&inode, inode.length, 0, 4 << 20).await.unwrap();
+    assert!(read == content, "read differs from what was written");
+    cluster.stop_all().await;
+}

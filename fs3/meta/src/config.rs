@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use ff_config::{ConfigError, DaemonConfig, Duration, ensure, ensure_socket_addr};
+use ff_config::{
+    ConfigError, DaemonConfig, Duration, ensure, ensure_host_port, ensure_socket_addr,
+};
 use ff_raft::RaftConfig;
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +85,7 @@ impl DaemonConfig for MetaConfig {
             "needs at least one address",
         )?;
         for addr in &self.mgmtd {
-            ensure_socket_addr(addr, "mgmtd", false)?;
+            ensure_host_port(addr, "mgmtd")?;
         }
         ensure(
             !self.heartbeat_interval.get().is_zero(),

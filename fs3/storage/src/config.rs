@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use ff_config::{ConfigError, DaemonConfig, Duration, ensure, ensure_socket_addr};
+use ff_config::{
+    ConfigError, DaemonConfig, Duration, ensure, ensure_host_port, ensure_socket_addr,
+};
 use ff_net::NetConfig;
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +19,9 @@ pub struct StorageConfig {
     pub node_id: u64,
     /// Address the data service (ff-net) binds; clients and other storage services connect here.
     pub listen_addr: String,
+    /// Address clients and other storage services dial (`host:port`, a DNS name or an IP),
+    /// told to mgmtd; empty: `listen_addr`, which must then not be a wildcard like 0.0.0.0.
+    pub advertise_addr: String,
     /// Address of the Prometheus endpoint; empty disables it.
     pub metrics_addr: String,
     /// mgmtd replicas (`host:port`).
@@ -49,6 +54,7 @@ impl Default for StorageConfig {
         StorageConfig {
             node_id: 1,
             listen_addr: "127.0.0.1:8100".to_string(),
+            advertise_addr: String::new(),
             metrics_addr: "127.0.0.1:9900".to_string(),
             mgmtd: vec!["127.0.0.1:8000".to_string()],
             heartbeat_interval: Duration::secs(1),
@@ -70,8 +76,27 @@ impl DaemonConfig for StorageConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         ensure(self.node_id != 0, "node_id", "must not be 0")?;
         ensure_socket_addr(&self.listen_addr, "listen_addr", false)?;
+        if self.advertise_addr.is_empty() {
+            let wildcard = self
+                .listen_addr
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_unspecified());
+            ensure(
+                !wildcard,
+                "advertise_addr",
+                format!(
+                    "must be set when listen_addr ({}) is a wildcard: other machines cannot dial it",
+                    self.listen_addr
+                ),
+            )?;
+        } else {
+            ensure_host_port(&self.advertise_addr, "advertise_addr")?;
+        }
         ensure_socket_addr(&self.metrics_addr, "metrics_addr", true)?;
         ensure(!self.mgmtd.is_empty(), "mgmtd", "lists no mgmtd replica")?;
+        for addr in &self.mgmtd {
+            ensure_host_port(addr, "mgmtd")?;
+        }
         ensure(
             !self.heartbeat_interval.get().is_zero(),
             "heartbeat_interval",
@@ -121,5 +146,23 @@ mod tests {
     #[test]
     fn template_documents_the_defaults() {
         ff_config::check_template::<StorageConfig>().unwrap();
+    }
+
+    #[test]
+    fn a_wildcard_listen_address_needs_an_address_to_advertise() {
+        let mut config = StorageConfig {
+            listen_addr: "0.0.0.0:8100".to_string(),
+            ..StorageConfig::default()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("advertise_addr"), "{error}");
+        config.advertise_addr = "fs3-storage-0.fs3-storage:8100".to_string();
+        config.mgmtd = vec!["fs3-mgmtd-0.fs3-mgmtd.fireflyer.svc:8000".to_string()];
+        config.validate().unwrap();
+        config.advertise_addr = "storage-0".to_string();
+        assert!(config.validate().is_err());
+        config.advertise_addr = String::new();
+        config.listen_addr = "10.0.0.5:8100".to_string();
+        config.validate().unwrap();
     }
 }

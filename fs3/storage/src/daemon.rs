@@ -133,7 +133,11 @@ impl StorageDaemon {
                     .map_err(|e| StartError::Other(e.to_string()))?,
             )
         };
-        let advertised = server.local_addr().to_string();
+        let advertised = if config.advertise_addr.is_empty() {
+            server.local_addr().to_string()
+        } else {
+            config.advertise_addr.clone()
+        };
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();

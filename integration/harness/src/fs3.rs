@@ -69,6 +69,9 @@ pub struct Fs3ClusterSpec {
     pub raft_tick: Duration,
     /// Chunk engine settings of every target.
     pub engine: EngineConfig,
+    /// Daemons listen on the wildcard address and are dialled as `localhost:PORT`, a name to
+    /// resolve, as in a Kubernetes deployment (instead of `127.0.0.1:PORT` everywhere).
+    pub dial_by_name: bool,
 }
 
 impl Fs3ClusterSpec {
@@ -104,6 +107,7 @@ impl Fs3ClusterSpec {
                 class_growth: ff_config::ByteSize::mib(16),
                 ..EngineConfig::default()
             },
+            dial_by_name: false,
         }
     }
 
@@ -118,16 +122,34 @@ impl Fs3ClusterSpec {
         format!("127.0.0.1:{}", u64::from(self.base_port) + offset)
     }
 
+    /// Where a service dialled at `addr` (one of the `*_addr` below) listens.
+    fn listen_addr(&self, addr: &str) -> String {
+        match addr.strip_prefix("localhost:") {
+            Some(port) if self.dial_by_name => format!("0.0.0.0:{port}"),
+            _ => addr.to_string(),
+        }
+    }
+
+    /// A service's address as others dial it.
+    fn service_addr(&self, offset: u64) -> String {
+        let port = u64::from(self.base_port) + offset;
+        if self.dial_by_name {
+            format!("localhost:{port}")
+        } else {
+            format!("127.0.0.1:{port}")
+        }
+    }
+
     fn mgmtd_addr(&self, id: u64) -> String {
-        self.port(id - 1)
+        self.service_addr(id - 1)
     }
 
     fn storage_addr(&self, node: u64) -> String {
-        self.port(self.mgmtd_replicas + node - 1)
+        self.service_addr(self.mgmtd_replicas + node - 1)
     }
 
     fn meta_addr(&self, id: u64) -> String {
-        self.port(self.mgmtd_replicas + self.storage_nodes + id - 1)
+        self.service_addr(self.mgmtd_replicas + self.storage_nodes + id - 1)
     }
 
     fn metrics_addr(&self, service_index: u64) -> String {
@@ -219,7 +241,7 @@ impl Fs3Cluster {
             let name = format!("mgmtd-{id}");
             let metrics_addr = spec.metrics_addr(id - 1);
             let process = daemon(&spec, "mgmtd", &name, || MgmtdConfig {
-                listen_addr: spec.mgmtd_addr(id),
+                listen_addr: spec.listen_addr(&spec.mgmtd_addr(id)),
                 metrics_addr: metrics_addr.clone(),
                 lease: ff_config::Duration(spec.lease),
                 detector_interval: ff_config::Duration(spec.lease / 10),
@@ -242,7 +264,8 @@ impl Fs3Cluster {
             let metrics_addr = spec.metrics_addr(spec.mgmtd_replicas + node - 1);
             let process = daemon(&spec, "storage", &name, || StorageConfig {
                 node_id: node,
-                listen_addr: spec.storage_addr(node),
+                listen_addr: spec.listen_addr(&spec.storage_addr(node)),
+                advertise_addr: spec.storage_addr(node),
                 metrics_addr: metrics_addr.clone(),
                 mgmtd: mgmtd_endpoints.clone(),
                 heartbeat_interval: ff_config::Duration(spec.lease / 6),
@@ -272,7 +295,7 @@ impl Fs3Cluster {
             let name = format!("meta-{id}");
             let metrics_addr = spec.metrics_addr(spec.mgmtd_replicas + spec.storage_nodes + id - 1);
             let process = daemon(&spec, "meta", &name, || MetaConfig {
-                listen_addr: spec.meta_addr(id),
+                listen_addr: spec.listen_addr(&spec.meta_addr(id)),
                 metrics_addr: metrics_addr.clone(),
                 node_id: META_NODE_BASE + id,
                 mgmtd: mgmtd_endpoints.clone(),
@@ -297,9 +320,9 @@ impl Fs3Cluster {
             meta.insert(id, process);
         }
         let addrs: Vec<String> = (1..=spec.mgmtd_replicas)
-            .map(|id| spec.mgmtd_addr(id))
-            .chain((1..=spec.storage_nodes).map(|n| spec.storage_addr(n)))
-            .chain((1..=spec.meta_replicas).map(|n| spec.meta_addr(n)))
+            .map(|id| spec.listen_addr(&spec.mgmtd_addr(id)))
+            .chain((1..=spec.storage_nodes).map(|n| spec.listen_addr(&spec.storage_addr(n))))
+            .chain((1..=spec.meta_replicas).map(|n| spec.listen_addr(&spec.meta_addr(n))))
             .chain(metrics.values().cloned())
             .collect();
         ensure_free(addrs.iter().map(String::as_str))?;

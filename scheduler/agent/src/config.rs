@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use ff_config::{ConfigError, DaemonConfig, Duration, ensure, ensure_socket_addr};
+use ff_config::{
+    ConfigError, DaemonConfig, Duration, ensure, ensure_host_port, ensure_socket_addr,
+};
 use serde::{Deserialize, Serialize};
 
 /// Configuration of one node agent.
@@ -91,7 +93,7 @@ impl DaemonConfig for AgentConfig {
             "needs at least one address",
         )?;
         for addr in &self.servers {
-            ensure_socket_addr(addr, "servers", false)?;
+            ensure_host_port(addr, "servers")?;
         }
         ensure_socket_addr(&self.metrics_addr, "metrics_addr", true)?;
         ensure(

@@ -1,16 +1,31 @@
-//! The Prometheus files in `deploy/prometheus/` are valid (`promtool check config`, `check
-//! rules`), and every alert fires on what it is about (`promtool test rules`).
+//! The files of `deploy/` hold: the Prometheus configs are valid (`promtool check config`,
+//! `check rules`) and every alert fires on what it is about (`promtool test rules`); the
+//! operations guide carries the current config reference; and every systemd unit, the
+//! docker-compose file and the Kubernetes manifests run commands and flags that exist, with
+//! configs (files plus environment) that the daemons load and validate.
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use serde::Deserialize as _;
+
+/// The repository's `deploy/` directory.
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+}
+
 fn promtool(args: &[&str]) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus");
+    promtool_in(&deploy_dir().join("prometheus"), args);
+}
+
+/// Runs promtool in `dir`; outside CI a missing promtool skips with a reason.
+fn promtool_in(dir: &Path, args: &[&str]) {
     let output = match Command::new("promtool")
         .args(args)
-        .current_dir(&dir)
+        .current_dir(dir)
         .output()
     {
         Ok(output) => output,
@@ -57,7 +72,7 @@ fn the_operations_guide_carries_the_current_config_reference() {
 }
 
 /// `KEY=VALUE` lines of a systemd unit, by key (sections ignored: keys are unique in ours).
-fn unit_fields(text: &str) -> std::collections::BTreeMap<String, String> {
+fn unit_fields(text: &str) -> BTreeMap<String, String> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
@@ -90,34 +105,478 @@ fn systemd_units_run_commands_and_flags_that_exist() {
             path.display()
         );
         assert!(fields.contains_key("LimitNOFILE"), "{}", path.display());
-        let exec: Vec<&str> = fields["ExecStart"].split_whitespace().collect();
-        let program = Path::new(exec[0]).file_name().unwrap().to_str().unwrap();
-        assert!(
-            ["fs3", "hai"].contains(&program),
-            "{}: runs {program}",
-            path.display()
-        );
-        // The subcommand exists, and every flag the unit passes is one of its flags.
-        let help = Command::new(env!("CARGO_BIN_EXE_fireflyer"))
-            .args([program, exec[1], "--help"])
-            .output()
-            .unwrap();
-        assert!(
-            help.status.success(),
-            "{}: `{program} {}` does not exist",
-            path.display(),
-            exec[1]
-        );
-        let help = String::from_utf8_lossy(&help.stdout);
-        for flag in exec.iter().filter(|w| w.starts_with("--")) {
-            assert!(
-                help.contains(flag),
-                "{}: `{program} {}` has no {flag}",
-                path.display(),
-                exec[1]
-            );
-        }
+        let exec: Vec<String> = fields["ExecStart"]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        check_command(&path.display().to_string(), &exec);
         seen += 1;
     }
     assert_eq!(seen, 6, "a unit per daemon");
+}
+
+// ---- commands and configs named by deployment files ----------------------------------------
+
+/// `fireflyer PROGRAM WORDS… --help`: its output, or None if that command does not exist.
+fn help_of(words: &[&str]) -> Option<String> {
+    let output = Command::new(env!("CARGO_BIN_EXE_fireflyer"))
+        .args(words)
+        .arg("--help")
+        .output()
+        .unwrap();
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Checks that `argv` (`fs3 …` or `hai …`, as a deployment file runs it) names subcommands that
+/// exist and passes only flags they have; returns the subcommand path (`fs3 mgmtd`).
+fn check_command(origin: &str, argv: &[String]) -> String {
+    let program = Path::new(&argv[0])
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    assert!(
+        ["fs3", "hai"].contains(&program),
+        "{origin}: runs {program}"
+    );
+    let mut path = vec![program];
+    let mut help = help_of(&path).unwrap();
+    let mut rest = argv[1..].iter();
+    let mut flags_from = 1;
+    for word in rest.by_ref() {
+        if word.starts_with('-') || !help.contains("Commands:") {
+            break;
+        }
+        path.push(word);
+        flags_from += 1;
+        help = help_of(&path)
+            .unwrap_or_else(|| panic!("{origin}: `{}` does not exist", path.join(" ")));
+    }
+    for flag in argv[flags_from..].iter().filter(|w| w.starts_with("--")) {
+        let name = flag.split('=').next().unwrap_or(flag);
+        assert!(
+            help.contains(name),
+            "{origin}: `{}` has no {name}",
+            path.join(" ")
+        );
+    }
+    path.join(" ")
+}
+
+/// Loads `text` with `env` as daemon `daemon` (`fs3 mgmtd`…) would, validation included.
+fn load_config(daemon: &str, text: &str, origin: &str, env: &[(String, String)]) {
+    let env = env.iter().cloned();
+    let loaded = match daemon {
+        "fs3 mgmtd" => {
+            ff_config::load_from_str::<fs3_mgmtd::MgmtdConfig>(text, origin, env).map(drop)
+        }
+        "fs3 meta" => ff_config::load_from_str::<fs3_meta::MetaConfig>(text, origin, env).map(drop),
+        "fs3 storage" => {
+            ff_config::load_from_str::<fs3_storage::StorageConfig>(text, origin, env).map(drop)
+        }
+        "hai server" => {
+            ff_config::load_from_str::<hai_server::ServerConfig>(text, origin, env).map(drop)
+        }
+        "hai agent" => {
+            ff_config::load_from_str::<hai_agent::AgentConfig>(text, origin, env).map(drop)
+        }
+        other => panic!("{origin}: {other} takes no --config"),
+    };
+    if let Err(error) = loaded {
+        panic!("{origin}: {daemon} refuses its config: {error}");
+    }
+}
+
+/// What a shell script run by a container does that matters here: the `fs3`/`hai` commands it
+/// runs (each pipeline stage, list element or line, after an optional `exec`) and the
+/// variables it exports, with shell expansions replaced by sample values (`$((…))` by 1,
+/// `${…}` by 0).
+fn shell_script(script: &str) -> (Vec<Vec<String>>, Vec<(String, String)>) {
+    let mut commands = Vec::new();
+    let mut exports = Vec::new();
+    let script = script.replace("||", "\n").replace("&&", "\n");
+    for segment in script.split(['\n', ';', '|']) {
+        let segment = segment.trim();
+        if let Some(assignment) = segment.strip_prefix("export ") {
+            let (name, value) = assignment.split_once('=').unwrap();
+            let value = value.trim().trim_matches('"').replace("\\\"", "\"");
+            exports.push((name.to_string(), sample_expansions(&value)));
+            continue;
+        }
+        let words: Vec<String> = segment
+            .split_whitespace()
+            .skip_while(|w| *w == "exec")
+            .map(str::to_string)
+            .collect();
+        if words.first().is_some_and(|w| w == "fs3" || w == "hai") {
+            commands.push(words);
+        }
+    }
+    (commands, exports)
+}
+
+/// Replaces shell arithmetic and parameter expansions by sample values.
+fn sample_expansions(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find('$') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        if let Some(inner) = tail.strip_prefix("$((") {
+            let end = inner.find("))").expect("unclosed $((");
+            out.push('1');
+            rest = &inner[end + 2..];
+        } else if let Some(inner) = tail.strip_prefix("${") {
+            let end = inner.find('}').expect("unclosed ${");
+            out.push('0');
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Checks a container's command line (`sh -c SCRIPT` or a plain `fs3`/`hai` command): the
+/// commands exist with their flags, and each `--config FILE` loads with the container's
+/// environment plus the script's exports; `file` reads a path as the container sees it.
+/// Returns the daemons run (`fs3 mount`, `hai agent`…).
+fn check_container(
+    origin: &str,
+    argv: &[String],
+    env: &[(String, String)],
+    file: &dyn Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    let (commands, exports) = match argv {
+        [shell, flag, script] if shell == "sh" && flag == "-c" => shell_script(script),
+        _ => (vec![argv.to_vec()], Vec::new()),
+    };
+    let mut env = env.to_vec();
+    env.extend(exports);
+    let mut daemons = Vec::new();
+    for command in &commands {
+        let daemon = check_command(origin, command);
+        if let Some(at) = command.iter().position(|w| w == "--config") {
+            let path = &command[at + 1];
+            let text = file(path).unwrap_or_else(|| panic!("{origin}: nothing at {path}"));
+            load_config(&daemon, &text, &format!("{origin}: {path}"), &env);
+        }
+        daemons.push(daemon);
+    }
+    daemons
+}
+
+/// Every daemon of a cluster is among `daemons` (what a deployment's containers run).
+fn assert_runs_every_daemon(deployment: &str, daemons: &[String]) {
+    let all = [
+        "fs3 mgmtd",
+        "fs3 meta",
+        "fs3 storage",
+        "fs3 mount",
+        "hai server",
+        "hai agent",
+    ];
+    for daemon in all {
+        assert!(
+            daemons.iter().any(|d| d == daemon),
+            "{deployment} runs no {daemon}"
+        );
+    }
+}
+
+/// A YAML document as JSON, merge keys (`<<: *anchor`) applied.
+fn yaml_documents(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|document| {
+            let mut value = serde_yaml_ng::Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // One pass per level of merges within merges (an anchor that merges another).
+            for _ in 0..4 {
+                value.apply_merge().unwrap();
+            }
+            serde_json::to_value(value).unwrap()
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn strings(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect()
+}
+
+#[test]
+fn the_compose_cluster_runs_real_commands_with_configs_the_daemons_accept() {
+    let dir = deploy_dir().join("compose");
+    let compose = yaml_documents(&dir.join("docker-compose.yml")).remove(0);
+    let services = compose["services"].as_object().unwrap();
+    let volumes = compose["volumes"].as_object().unwrap();
+    let mut daemons = Vec::new();
+    for (name, service) in services {
+        let origin = format!("docker-compose.yml: {name}");
+        // Every mounted host file exists; named volumes are declared; dependencies exist.
+        let mut mounts = BTreeMap::new();
+        for volume in service["volumes"].as_array().into_iter().flatten() {
+            let (source, target) = match volume {
+                serde_json::Value::String(spec) => {
+                    let mut parts = spec.split(':');
+                    (
+                        parts.next().unwrap().to_string(),
+                        parts.next().unwrap().to_string(),
+                    )
+                }
+                other => (
+                    other["source"].as_str().unwrap().to_string(),
+                    other["target"].as_str().unwrap().to_string(),
+                ),
+            };
+            if source.starts_with('.') {
+                assert!(dir.join(&source).exists(), "{origin}: no {source}");
+                mounts.insert(target, dir.join(&source));
+            } else if !source.starts_with('$') && !source.starts_with('/') {
+                assert!(
+                    volumes.contains_key(&source),
+                    "{origin}: undeclared volume {source}"
+                );
+            }
+        }
+        let depends: Vec<String> = match &service["depends_on"] {
+            serde_json::Value::Object(map) => map.keys().cloned().collect(),
+            other => strings(other),
+        };
+        for dependency in depends {
+            assert!(
+                services.contains_key(&dependency),
+                "{origin}: depends on {dependency}"
+            );
+        }
+        if !service["image"].as_str().unwrap().contains("fireflyer") {
+            continue;
+        }
+        let env: Vec<(String, String)> = service["environment"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        let file = |path: &str| std::fs::read_to_string(mounts.get(path)?).ok();
+        let argv = strings(&service["command"]);
+        daemons.extend(check_container(&origin, &argv, &env, &file));
+    }
+    assert_runs_every_daemon("the compose cluster", &daemons);
+    // The image it runs builds the multi-call program with the workspace's toolchain.
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("docker/Dockerfile")).unwrap();
+    let manifest = std::fs::read_to_string(deploy_dir().join("../Cargo.toml")).unwrap();
+    let toolchain = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .unwrap()
+        .trim_matches('"');
+    assert!(
+        dockerfile.contains(&format!("FROM rust:{toolchain}-")),
+        "Dockerfile toolchain"
+    );
+    assert!(
+        dockerfile.contains("--bin fireflyer"),
+        "Dockerfile builds fireflyer"
+    );
+    for name in ["fs3", "hai", "moe-train"] {
+        assert!(dockerfile.contains(name), "Dockerfile does not link {name}");
+    }
+    // Its Prometheus config is valid beside the alert rules it mounts.
+    let checked = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.join("prometheus.yml"),
+        checked.path().join("prometheus.yml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        deploy_dir().join("prometheus/alerts.yml"),
+        checked.path().join("alerts.yml"),
+    )
+    .unwrap();
+    promtool_in(checked.path(), &["check", "config", "prometheus.yml"]);
+}
+
+/// A label selector's `matchLabels` is contained in `labels`.
+fn selects(selector: &serde_json::Value, labels: &serde_json::Value) -> bool {
+    selector["matchLabels"]
+        .as_object()
+        .is_some_and(|wanted| wanted.iter().all(|(k, v)| labels[k] == *v))
+}
+
+#[test]
+fn the_kubernetes_manifests_are_consistent_and_run_real_commands() {
+    let dir = deploy_dir().join("kubernetes");
+    let kustomization = yaml_documents(&dir.join("kustomization.yaml")).remove(0);
+    let mut resources = strings(&kustomization["resources"]);
+    let mut docs = Vec::new();
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
+        .collect();
+    for file in &files {
+        for doc in yaml_documents(&dir.join(file)) {
+            let origin = format!("{file}: {} {}", doc["kind"], doc["metadata"]["name"]);
+            assert!(doc["apiVersion"].is_string(), "{origin}: no apiVersion");
+            assert!(doc["metadata"]["name"].is_string(), "{origin}: no name");
+            if doc["kind"] != "Namespace" {
+                assert_eq!(doc["metadata"]["namespace"], "fireflyer", "{origin}");
+            }
+            docs.push((file.clone(), doc));
+        }
+    }
+    // Everything but the operator's monitoring objects is applied by `kubectl apply -k`.
+    files.retain(|f| f != "monitoring.yaml");
+    files.sort();
+    resources.sort();
+    assert_eq!(files, resources, "kustomization.yaml resources");
+
+    fn of_kind<'a>(
+        docs: &'a [(String, serde_json::Value)],
+        kind: &'a str,
+    ) -> impl Iterator<Item = &'a (String, serde_json::Value)> {
+        docs.iter().filter(move |(_, d)| d["kind"] == kind)
+    }
+    let config_maps: BTreeMap<String, serde_json::Value> = of_kind(&docs, "ConfigMap")
+        .map(|(_, d)| {
+            (
+                d["metadata"]["name"].as_str().unwrap().to_string(),
+                d["data"].clone(),
+            )
+        })
+        .collect();
+    let mut daemons = Vec::new();
+    let mut stateful = Vec::new();
+    for (file, workload) in docs
+        .iter()
+        .filter(|(_, d)| ["StatefulSet", "DaemonSet", "Job"].contains(&d["kind"].as_str().unwrap()))
+    {
+        let name = workload["metadata"]["name"].as_str().unwrap();
+        let origin = format!("{file}: {name}");
+        let template = &workload["spec"]["template"];
+        let labels = &template["metadata"]["labels"];
+        if workload["kind"] != "Job" {
+            assert!(
+                selects(&workload["spec"]["selector"], labels),
+                "{origin}: selector"
+            );
+        }
+        if workload["kind"] == "StatefulSet" {
+            let service = workload["spec"]["serviceName"].as_str().unwrap();
+            assert!(
+                of_kind(&docs, "Service").any(|(_, s)| s["metadata"]["name"] == service
+                    && s["spec"]["clusterIP"] == "None"
+                    && s["spec"]["selector"]
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .all(|(k, v)| labels[k] == *v)),
+                "{origin}: no headless service {service} selecting its pods"
+            );
+            assert!(
+                of_kind(&docs, "PodDisruptionBudget")
+                    .any(|(_, p)| selects(&p["spec"]["selector"], labels)),
+                "{origin}: no PodDisruptionBudget"
+            );
+            stateful.push(name.to_string());
+        }
+        let pod = &template["spec"];
+        let claims = workload["spec"]["volumeClaimTemplates"].as_array();
+        let volumes: BTreeMap<&str, &serde_json::Value> = pod["volumes"]
+            .as_array()
+            .into_iter()
+            .chain(claims)
+            .flatten()
+            .map(|v| {
+                (
+                    v["name"]
+                        .as_str()
+                        .or(v["metadata"]["name"].as_str())
+                        .unwrap(),
+                    v,
+                )
+            })
+            .collect();
+        for volume in volumes.values() {
+            if let Some(map) = volume["configMap"]["name"].as_str() {
+                assert!(
+                    config_maps.contains_key(map),
+                    "{origin}: no ConfigMap {map}"
+                );
+            }
+            if let Some(secret) = volume["secret"]["secretName"].as_str() {
+                assert_eq!(secret, "fireflyer-tokens", "{origin}: undocumented secret");
+            }
+        }
+        for container in pod["containers"].as_array().unwrap() {
+            let origin = format!("{origin}/{}", container["name"].as_str().unwrap());
+            let mounts: Vec<(String, &serde_json::Value)> = container["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    let volume = m["name"].as_str().unwrap();
+                    let found = volumes
+                        .get(volume)
+                        .unwrap_or_else(|| panic!("{origin}: no volume {volume}"));
+                    (m["mountPath"].as_str().unwrap().to_string(), *found)
+                })
+                .collect();
+            // The environment as the kubelet makes it: $(VAR) from earlier entries, the
+            // downward API's fields as a pod of this workload would see them.
+            let mut env: Vec<(String, String)> = Vec::new();
+            for var in container["env"].as_array().into_iter().flatten() {
+                let value = match (
+                    &var["value"],
+                    var["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+                ) {
+                    (serde_json::Value::String(value), _) => env
+                        .iter()
+                        .fold(value.clone(), |v, (k, x)| v.replace(&format!("$({k})"), x)),
+                    (_, Some("metadata.name")) => format!("{name}-0"),
+                    (_, Some("spec.nodeName")) => "gpu-1".to_string(),
+                    (_, Some("status.hostIP")) => "10.0.0.7".to_string(),
+                    other => panic!("{origin}: unexpected env {other:?}"),
+                };
+                env.push((var["name"].as_str().unwrap().to_string(), value));
+            }
+            let file = |path: &str| {
+                let (dir, key) = path.rsplit_once('/')?;
+                let (_, volume) = mounts.iter().find(|(at, _)| at == dir)?;
+                let map = volume["configMap"]["name"].as_str()?;
+                config_maps[map][key].as_str().map(str::to_string)
+            };
+            let mut argv = strings(&container["command"]);
+            argv.extend(strings(&container["args"]));
+            let ran = check_container(&origin, &argv, &env, &file);
+            if ran.iter().any(|d| d == "fs3 mount") {
+                assert_eq!(container["securityContext"]["privileged"], true, "{origin}");
+                assert!(
+                    mounts.iter().any(|(at, _)| at == "/dev/fuse"),
+                    "{origin}: no /dev/fuse"
+                );
+            }
+            daemons.extend(ran);
+        }
+    }
+    assert_runs_every_daemon("the manifests", &daemons);
+    stateful.sort();
+    assert_eq!(
+        stateful,
+        ["fs3-meta", "fs3-mgmtd", "fs3-storage", "hai-server"]
+    );
 }

@@ -16,6 +16,8 @@
 mod client;
 mod frame;
 mod pool;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 mod server;
 
 use std::future::Future;

@@ -580,6 +580,7 @@ async fn rendezvous(config: &CommConfig) -> Result<(Arc<Inner>, ff_net::Server),
         connections_per_peer: 2,
         connect_timeout: ff_config::Duration(config.timeout.min(Duration::from_secs(5))),
         request_timeout: ff_config::Duration(config.timeout),
+        transport: config.transport,
         ..NetConfig::default()
     };
     let bind = if config.rank == 0 {
@@ -594,7 +595,7 @@ async fn rendezvous(config: &CommConfig) -> Result<(Arc<Inner>, ff_net::Server),
     let server = ff_net::Server::start(listener, endpoint.clone(), &net_config)
         .map_err(|e| CommError::Config(format!("cannot serve: {e}")))?;
     let addr = format!("{}:{}", config.listen_host, server.local_addr().port());
-    let net = NetClient::new(net_config);
+    let net = NetClient::new(net_config).map_err(|e| CommError::Config(e.to_string()))?;
     store_set(
         &net,
         &master,

@@ -53,6 +53,8 @@ pub struct CommConfig {
     /// its peers of other nodes) rather than through one leader per node. Off by default: on
     /// the 2-core machine it was measured on, lanes were no faster (docs/benchmarks.md).
     pub lanes: bool,
+    /// How ranks' endpoints talk: RDMA where both have it ("auto"), "tcp", or "rdma" only.
+    pub transport: ff_net::TransportKind,
 }
 
 /// How allreduce crosses the network between nodes.
@@ -122,7 +124,8 @@ fn number<T: std::str::FromStr>(name: &str) -> Result<T, CommError> {
 impl CommConfig {
     /// From the environment; `HFREDUCE_NODE_ID`, `HFREDUCE_TIMEOUT` (seconds),
     /// `HFREDUCE_CHUNK_BYTES`, `HFREDUCE_STAGE_BYTES`, `HFREDUCE_ALGO` (auto, ring, tree),
-    /// `HFREDUCE_TREE_LATENCY_BYTES`, `HFREDUCE_LISTEN_HOST` and `HFREDUCE_LANES` are optional.
+    /// `HFREDUCE_TREE_LATENCY_BYTES`, `HFREDUCE_LISTEN_HOST`, `HFREDUCE_LANES` and
+    /// `HFREDUCE_TRANSPORT` (auto, tcp, rdma) are optional.
     pub fn from_env() -> Result<CommConfig, CommError> {
         let node_id = match std::env::var("HFREDUCE_NODE_ID") {
             Ok(id) => id,
@@ -161,6 +164,16 @@ impl CommConfig {
                 Ok(other) => {
                     return Err(CommError::Config(format!(
                         "HFREDUCE_LANES={other:?}: use 1 or 0"
+                    )));
+                }
+            },
+            transport: match std::env::var("HFREDUCE_TRANSPORT").as_deref() {
+                Ok("auto") | Err(_) => ff_net::TransportKind::Auto,
+                Ok("tcp") => ff_net::TransportKind::Tcp,
+                Ok("rdma") => ff_net::TransportKind::Rdma,
+                Ok(other) => {
+                    return Err(CommError::Config(format!(
+                        "HFREDUCE_TRANSPORT={other:?}: use auto, tcp or rdma"
                     )));
                 }
             },
@@ -261,6 +274,7 @@ mod tests {
             tree_latency_bytes: DEFAULT_TREE_LATENCY_BYTES,
             stage_bytes: DEFAULT_STAGE_BYTES,
             lanes: false,
+            transport: ff_net::TransportKind::Auto,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The calling side: a few persistent connections per peer, many calls in flight on each,
-//! replies matched to callers by request id.
+//! replies matched to callers by request id. Each connection starts with the hello (see
+//! `hello`), which picks TCP frames or an RDMA link for it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -11,38 +12,94 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 
 use crate::frame::{FIXED, FrameHead, KIND_REQUEST, KIND_RESPONSE, Limits, read_head};
+use crate::hello::{self, Abilities};
 use crate::pool::BufferPool;
-use crate::{Call, NetConfig, NetError, Response, Transport};
+use crate::{Call, NetConfig, NetError, RdmaHere, Response, Transport};
 
 type Waiters = Mutex<HashMap<u64, oneshot::Sender<Result<Response, NetError>>>>;
 
-/// One connection to a peer.
-struct Conn {
+/// One connection to a peer, over TCP frames or an RDMA link.
+enum Conn {
+    Tcp(TcpConn),
+    #[cfg(feature = "rdma")]
+    Rdma(crate::rdma::client::RdmaConn),
+}
+
+impl Conn {
+    /// Connects to `addr`, says hello and sets up the transport chosen.
+    async fn open(
+        addr: &str,
+        config: &NetConfig,
+        pool: Arc<BufferPool>,
+        rdma: Option<&RdmaHere>,
+    ) -> Result<Conn, NetError> {
+        let refused = |reason: String| NetError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let timeout = config.connect_timeout.get();
+        let no_answer = || refused(format!("no answer within {}", config.connect_timeout));
+        let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(refused(error.to_string())),
+            Err(_) => return Err(no_answer()),
+        };
+        let _ = stream.set_nodelay(true);
+        let mine = Abilities::of(config.transport, rdma.is_some());
+        let use_rdma = match tokio::time::timeout(timeout, hello::client(&mut stream, mine)).await {
+            Ok(Ok(use_rdma)) => use_rdma,
+            Ok(Err(error)) => return Err(refused(error.to_string())),
+            Err(_) => return Err(no_answer()),
+        };
+        match rdma.filter(|_| use_rdma) {
+            #[cfg(feature = "rdma")]
+            Some(context) => Ok(Conn::Rdma(
+                crate::rdma::client::RdmaConn::establish(stream, context, config, pool, addr)
+                    .await?,
+            )),
+            #[cfg(not(feature = "rdma"))]
+            Some(never) => match *never {},
+            None => Ok(Conn::Tcp(TcpConn::start(stream, config, pool, addr))),
+        }
+    }
+
+    fn is_rdma(&self) -> bool {
+        !matches!(self, Conn::Tcp(_))
+    }
+
+    fn alive(&self) -> bool {
+        match self {
+            Conn::Tcp(conn) => conn.alive.load(Ordering::Relaxed),
+            #[cfg(feature = "rdma")]
+            Conn::Rdma(conn) => conn.alive(),
+        }
+    }
+
+    async fn call(
+        &self,
+        call: &Call,
+        addr: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Response, NetError> {
+        match self {
+            Conn::Tcp(conn) => conn.call(call, addr, timeout).await,
+            #[cfg(feature = "rdma")]
+            Conn::Rdma(conn) => conn.call(call, timeout).await,
+        }
+    }
+}
+
+/// One TCP connection to a peer.
+struct TcpConn {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     waiters: Arc<Waiters>,
     alive: Arc<AtomicBool>,
     next_id: AtomicU64,
 }
 
-impl Conn {
-    async fn open(addr: &str, config: &NetConfig, pool: Arc<BufferPool>) -> Result<Conn, NetError> {
-        let connect = TcpStream::connect(addr);
-        let stream = match tokio::time::timeout(config.connect_timeout.get(), connect).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => {
-                return Err(NetError::Connect {
-                    addr: addr.to_string(),
-                    reason: error.to_string(),
-                });
-            }
-            Err(_) => {
-                return Err(NetError::Connect {
-                    addr: addr.to_string(),
-                    reason: format!("no answer within {}", config.connect_timeout),
-                });
-            }
-        };
-        let _ = stream.set_nodelay(true);
+impl TcpConn {
+    /// Starts reading replies on a connection that said hello.
+    fn start(stream: TcpStream, config: &NetConfig, pool: Arc<BufferPool>, addr: &str) -> TcpConn {
         let (reader, writer) = stream.into_split();
         let waiters: Arc<Waiters> = Arc::new(Mutex::new(HashMap::new()));
         let alive = Arc::new(AtomicBool::new(true));
@@ -54,12 +111,34 @@ impl Conn {
             pool,
             addr.to_string(),
         ));
-        Ok(Conn {
+        TcpConn {
             writer: tokio::sync::Mutex::new(writer),
             waiters,
             alive,
             next_id: AtomicU64::new(1),
-        })
+        }
+    }
+
+    /// Makes `call` and waits up to `timeout` for its reply.
+    async fn call(
+        &self,
+        call: &Call,
+        addr: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Response, NetError> {
+        let (id, reply) = self.send(call, addr).await?;
+        match tokio::time::timeout(timeout, reply).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(NetError::Disconnected(addr.to_string())),
+            Err(_) => {
+                // Forget the call, so a server that never answers cannot grow the table.
+                self.waiters().remove(&id);
+                Err(NetError::Timeout {
+                    addr: addr.to_string(),
+                    timeout,
+                })
+            }
+        }
     }
 
     fn waiters(
@@ -160,6 +239,7 @@ pub struct NetClient {
     config: NetConfig,
     pool: Arc<BufferPool>,
     peers: Mutex<HashMap<String, Arc<Peer>>>,
+    rdma: Option<RdmaHere>,
 }
 
 /// Connections to one peer, used round-robin; a broken one is replaced on next use.
@@ -175,14 +255,42 @@ impl std::fmt::Debug for NetClient {
 }
 
 impl NetClient {
-    /// A client with `config`'s limits.
-    pub fn new(config: NetConfig) -> NetClient {
+    /// A client with `config`'s limits and transport; fails only when `transport = "rdma"`
+    /// and this host cannot do RDMA (the error says why).
+    pub fn new(config: NetConfig) -> Result<NetClient, NetError> {
         let pool = BufferPool::new(config.buffer_pool.as_usize());
-        NetClient {
+        let rdma = crate::rdma_here(&config)?;
+        Ok(NetClient {
             config,
             pool,
             peers: Mutex::new(HashMap::new()),
+            rdma,
+        })
+    }
+
+    /// Whether connections this client opens use RDMA where the server can.
+    pub fn has_rdma(&self) -> bool {
+        self.rdma.is_some()
+    }
+
+    /// How many of its open connections use RDMA.
+    pub async fn rdma_connections(&self) -> usize {
+        let peers: Vec<Arc<Peer>> = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut count = 0;
+        for peer in peers {
+            for slot in &peer.slots {
+                if let Some(conn) = slot.lock().await.as_ref() {
+                    count += usize::from(conn.is_rdma() && conn.alive());
+                }
+            }
         }
+        count
     }
 
     fn peer(&self, addr: &str) -> Arc<Peer> {
@@ -204,10 +312,11 @@ impl NetClient {
         let peer = self.peer(addr);
         let index = peer.next.fetch_add(1, Ordering::Relaxed) % peer.slots.len();
         let mut slot = peer.slots[index].lock().await;
-        if let Some(conn) = slot.as_ref().filter(|c| c.alive.load(Ordering::Relaxed)) {
+        if let Some(conn) = slot.as_ref().filter(|c| c.alive()) {
             return Ok(conn.clone());
         }
-        let conn = Arc::new(Conn::open(addr, &self.config, self.pool.clone()).await?);
+        let conn = Conn::open(addr, &self.config, self.pool.clone(), self.rdma.as_ref()).await?;
+        let conn = Arc::new(conn);
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -217,18 +326,6 @@ impl Transport for NetClient {
     async fn call(&self, addr: &str, call: Call) -> Result<Response, NetError> {
         let timeout = self.config.request_timeout.get();
         let conn = self.connection(addr).await?;
-        let (id, reply) = conn.send(&call, addr).await?;
-        match tokio::time::timeout(timeout, reply).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(NetError::Disconnected(addr.to_string())),
-            Err(_) => {
-                // Forget the call, so a server that never answers cannot grow the table.
-                conn.waiters().remove(&id);
-                Err(NetError::Timeout {
-                    addr: addr.to_string(),
-                    timeout,
-                })
-            }
-        }
+        conn.call(&call, addr, timeout).await
     }
 }

@@ -15,6 +15,7 @@
 
 mod client;
 mod frame;
+mod hello;
 mod pool;
 #[cfg(feature = "rdma")]
 pub mod rdma;
@@ -48,6 +49,29 @@ pub struct NetConfig {
     pub request_timeout: Duration,
     /// Idle receive buffers kept for reuse, per process.
     pub buffer_pool: ByteSize,
+    /// How connections move bytes: "tcp"; "rdma" (verbs only: refuses to start without an
+    /// RDMA device or with a peer that has none); "auto" (RDMA when both ends can, else TCP).
+    pub transport: TransportKind,
+    /// The RDMA device to use (`mlx5_0`, `rxe0`); "" means the first with an active port.
+    pub rdma_device: String,
+    /// Most memory registered for RDMA transfers, per process (payloads are staged in it).
+    pub rdma_memory: ByteSize,
+    /// One-sided transfers a process runs at once (a server's READs of request payloads and
+    /// WRITEs of replies): what many peers can make it move concurrently.
+    pub rdma_transfers: usize,
+}
+
+/// How a connection moves its bytes (see [`NetConfig::transport`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// RDMA when both ends can, else TCP.
+    #[default]
+    Auto,
+    /// TCP only.
+    Tcp,
+    /// RDMA only.
+    Rdma,
 }
 
 impl Default for NetConfig {
@@ -60,6 +84,10 @@ impl Default for NetConfig {
             connect_timeout: Duration::secs(2),
             request_timeout: Duration::secs(30),
             buffer_pool: ByteSize::mib(256),
+            transport: TransportKind::Auto,
+            rdma_device: String::new(),
+            rdma_memory: ByteSize::gib(1),
+            rdma_transfers: 16,
         }
     }
 }
@@ -97,6 +125,16 @@ impl NetConfig {
             !self.request_timeout.get().is_zero(),
             &field("request_timeout"),
             "must not be 0",
+        )?;
+        ensure(
+            self.rdma_memory.bytes() >= 4 * self.max_payload.bytes().next_power_of_two(),
+            &field("rdma_memory"),
+            "must hold at least four of the largest payloads (max_payload rounded up to a power of two)",
+        )?;
+        ensure(
+            self.rdma_transfers >= 1,
+            &field("rdma_transfers"),
+            "must be at least 1",
         )
     }
 
@@ -105,6 +143,43 @@ impl NetConfig {
             max_header: self.max_header.as_usize(),
             max_payload: self.max_payload.as_usize(),
         }
+    }
+}
+
+/// This process's RDMA state when it has RDMA (uninhabited in builds without the feature).
+#[cfg(feature = "rdma")]
+type RdmaHere = std::sync::Arc<rdma::Context>;
+#[cfg(not(feature = "rdma"))]
+type RdmaHere = std::convert::Infallible;
+
+/// RDMA as `config.transport` asks for it: None for TCP, and for "auto" without a usable device;
+/// an error saying why for "rdma" without one.
+fn rdma_here(config: &NetConfig) -> Result<Option<RdmaHere>, NetError> {
+    let unavailable = |why: String| {
+        NetError::Unavailable(format!(
+            "transport = \"rdma\", but {why}; set transport = \"tcp\" (or \"auto\") to run on TCP"
+        ))
+    };
+    match config.transport {
+        TransportKind::Tcp => Ok(None),
+        #[cfg(feature = "rdma")]
+        TransportKind::Auto => match rdma::Context::shared(config) {
+            Ok(context) => Ok(Some(context)),
+            Err(error) => {
+                tracing::debug!(%error, "no RDMA: using TCP");
+                Ok(None)
+            }
+        },
+        #[cfg(feature = "rdma")]
+        TransportKind::Rdma => rdma::Context::shared(config)
+            .map(Some)
+            .map_err(|error| unavailable(error.to_string())),
+        #[cfg(not(feature = "rdma"))]
+        TransportKind::Auto => Ok(None),
+        #[cfg(not(feature = "rdma"))]
+        TransportKind::Rdma => Err(unavailable(
+            "this build has no RDMA support (built without the `rdma` feature)".to_string(),
+        )),
     }
 }
 
@@ -144,6 +219,9 @@ pub enum NetError {
     /// A local I/O failure.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The configured transport cannot run here; the message says why and what to set.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl NetError {

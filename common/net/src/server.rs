@@ -1,5 +1,6 @@
-//! The serving side: accepts connections, reads request frames, runs the handler for each (up
-//! to a bound per connection; beyond it the connection is not read, which pushes back on the
+//! The serving side: accepts connections, answers their hello (TCP frames, or an RDMA link when
+//! both ends can: see `rdma::server`), reads request frames, runs the handler for each (up to a
+//! bound per connection; beyond it the connection is not read, which pushes back on the
 //! sender), and writes reply frames in completion order.
 
 use std::net::SocketAddr;
@@ -11,8 +12,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::frame::{FIXED, FrameHead, KIND_REQUEST, KIND_RESPONSE, Limits, read_head};
+use crate::hello::{self, Abilities};
 use crate::pool::{BufferPool, PooledBuf};
-use crate::{NetConfig, NetError};
+use crate::{NetConfig, NetError, RdmaHere};
 
 /// A call as the handler sees it.
 #[derive(Debug)]
@@ -59,24 +61,46 @@ pub trait Handler: Send + Sync + 'static {
 pub struct Server {
     local_addr: SocketAddr,
     stop: watch::Sender<bool>,
+    rdma: bool,
+}
+
+/// What every connection of a server shares.
+struct Serving<H> {
+    handler: Arc<H>,
+    config: NetConfig,
+    pool: Arc<BufferPool>,
+    rdma: Option<RdmaHere>,
 }
 
 impl Server {
-    /// Serves `handler` on `listener`.
+    /// Serves `handler` on `listener`; fails when `transport = "rdma"` and this host cannot
+    /// do RDMA (the error says why).
     pub fn start<H: Handler>(
         listener: TcpListener,
         handler: Arc<H>,
         config: &NetConfig,
     ) -> std::io::Result<Server> {
         let local_addr = listener.local_addr()?;
+        let rdma = crate::rdma_here(config).map_err(std::io::Error::other)?;
         let (stop, stopped) = watch::channel(false);
-        let limits = config.limits();
-        let in_flight = config.max_in_flight_per_connection;
-        let pool = BufferPool::new(config.buffer_pool.as_usize());
-        tokio::spawn(accept_loop(
-            listener, handler, limits, in_flight, pool, stopped,
-        ));
-        Ok(Server { local_addr, stop })
+        let serving = Arc::new(Serving {
+            handler,
+            config: config.clone(),
+            pool: BufferPool::new(config.buffer_pool.as_usize()),
+            rdma,
+        });
+        let rdma = serving.rdma.is_some();
+        tokio::spawn(accept_loop(listener, serving, stopped));
+        Ok(Server {
+            local_addr,
+            stop,
+            rdma,
+        })
+    }
+
+    /// Whether it serves RDMA to clients that can.
+    pub fn has_rdma(&self) -> bool {
+        self.rdma
     }
 
     /// The address served.
@@ -98,10 +122,7 @@ impl Drop for Server {
 
 async fn accept_loop<H: Handler>(
     listener: TcpListener,
-    handler: Arc<H>,
-    limits: Limits,
-    in_flight: usize,
-    pool: Arc<BufferPool>,
+    serving: Arc<Serving<H>>,
     mut stopped: watch::Receiver<bool>,
 ) {
     loop {
@@ -110,7 +131,7 @@ async fn accept_loop<H: Handler>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = serve_connection(stream, peer, handler.clone(), limits, in_flight, pool.clone(), stopped.clone());
+                    let connection = greet(stream, peer, serving.clone(), stopped.clone());
                     tokio::spawn(async move {
                         if let Err(error) = connection.await {
                             tracing::debug!(%peer, %error, "ff-net connection closed");
@@ -122,6 +143,52 @@ async fn accept_loop<H: Handler>(
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
+        }
+    }
+}
+
+/// Answers the hello, then serves the connection over the transport chosen.
+async fn greet<H: Handler>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    serving: Arc<Serving<H>>,
+    stopped: watch::Receiver<bool>,
+) -> Result<(), NetError> {
+    let config = &serving.config;
+    let mine = Abilities::of(config.transport, serving.rdma.is_some());
+    let use_rdma = tokio::time::timeout(
+        config.connect_timeout.get(),
+        hello::server(&mut stream, mine),
+    )
+    .await
+    .map_err(|_| NetError::Protocol("no hello in time".to_string()))??;
+    match serving.rdma.as_ref().filter(|_| use_rdma) {
+        #[cfg(feature = "rdma")]
+        Some(context) => {
+            crate::rdma::server::serve(
+                stream,
+                peer,
+                serving.handler.clone(),
+                context.clone(),
+                config,
+                serving.pool.clone(),
+                stopped,
+            )
+            .await
+        }
+        #[cfg(not(feature = "rdma"))]
+        Some(never) => match *never {},
+        None => {
+            serve_connection(
+                stream,
+                peer,
+                serving.handler.clone(),
+                config.limits(),
+                config.max_in_flight_per_connection,
+                serving.pool.clone(),
+                stopped,
+            )
+            .await
         }
     }
 }

@@ -35,6 +35,15 @@ pub struct Connect {
     /// A file holding the token.
     #[arg(long, env = "FS3_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
+    /// How chunk data moves: auto (RDMA when storage has it too), tcp, or rdma (only).
+    #[arg(
+        long,
+        env = "FS3_TRANSPORT",
+        default_value = "auto",
+        value_parser = ["auto", "tcp", "rdma"],
+        global = true
+    )]
+    pub transport: String,
 }
 
 impl Connect {
@@ -54,9 +63,18 @@ impl Connect {
 
     /// A connected client.
     pub async fn connect(&self) -> anyhow::Result<Fs3> {
+        let transport = match self.transport.as_str() {
+            "tcp" => ff_net::TransportKind::Tcp,
+            "rdma" => ff_net::TransportKind::Rdma,
+            _ => ff_net::TransportKind::Auto,
+        };
         let options = Fs3Options {
             mgmtd: self.mgmtd.clone(),
             token: self.token()?,
+            net: ff_net::NetConfig {
+                transport,
+                ..ff_net::NetConfig::default()
+            },
             ..Fs3Options::default()
         };
         Fs3::connect(options)

@@ -74,7 +74,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     let (chain_id, version, targets) = chain_targets(&cluster).await;
     let (head, head_addr) = targets[0].clone();
     let (middle, middle_addr) = targets[1].clone();
-    let net = NetClient::new(NetConfig::default());
+    let net = NetClient::new(NetConfig::default()).unwrap();
     let garbage = Bytes::from(vec![0x5A; 50_000]);
     let header = |target: u64, chain_version: u64| WriteRequest {
         chain_id,

@@ -78,6 +78,8 @@ pub struct Fs3Options {
     pub max_inflight_bytes: u64,
     /// How often write sessions are kept alive.
     pub keep_alive_interval: Duration,
+    /// How chunk data moves to and from storage (transport, limits).
+    pub net: ff_net::NetConfig,
 }
 
 impl Default for Fs3Options {
@@ -88,6 +90,7 @@ impl Default for Fs3Options {
             chunk_deadline: Duration::from_secs(30),
             max_inflight_bytes: 64 << 20,
             keep_alive_interval: Duration::from_secs(10),
+            net: ff_net::NetConfig::default(),
         }
     }
 }
@@ -217,8 +220,13 @@ impl Fs3 {
         };
         let meta = LeaderClient::new(metas, meta_options)
             .map_err(|e| FsError::new(libc::EINVAL, e.to_string()))?;
-        let net = Arc::new(ff_net::NetClient::new(ff_net::NetConfig::default()));
-        let chunks = Arc::new(ChunkClient::new(routing, net, options.chunk_deadline));
+        let net = ff_net::NetClient::new(options.net.clone())
+            .map_err(|e| FsError::new(libc::EINVAL, e.to_string()))?;
+        let chunks = Arc::new(ChunkClient::new(
+            routing,
+            Arc::new(net),
+            options.chunk_deadline,
+        ));
         let client_id = rand::random_range(1..u64::MAX);
         let keep_alive = tokio::spawn(keep_alive(
             LeaderClient::new(meta.endpoints(), meta.options().clone())

@@ -32,6 +32,8 @@ pub struct MetaConfig {
     pub gc_delay: Duration,
     /// How often the leader collects garbage, expires sessions and copies chain tables.
     pub maintenance_interval: Duration,
+    /// Chunk data to storage (truncates, garbage collection).
+    pub net: ff_net::NetConfig,
     /// The raft group of the meta replicas.
     pub raft: RaftConfig,
 }
@@ -49,6 +51,7 @@ impl Default for MetaConfig {
             session_lease: Duration::secs(60),
             gc_delay: Duration::secs(300),
             maintenance_interval: Duration::secs(1),
+            net: ff_net::NetConfig::default(),
             raft: RaftConfig {
                 cluster: "fs3-meta".to_string(),
                 data_dir: "data/meta".into(),
@@ -79,6 +82,7 @@ impl DaemonConfig for MetaConfig {
         ensure_socket_addr(&self.listen_addr, "listen_addr", false)?;
         ensure_socket_addr(&self.metrics_addr, "metrics_addr", true)?;
         ensure(self.node_id != 0, "node_id", "must not be 0")?;
+        self.net.validate("net")?;
         ensure(
             !self.mgmtd.is_empty(),
             "mgmtd",

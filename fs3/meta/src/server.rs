@@ -36,6 +36,9 @@ pub enum MetaError {
     /// The mgmtd addresses are unusable.
     #[error("mgmtd: {0}")]
     Mgmtd(String),
+    /// The data transport cannot run as configured (`[net]`).
+    #[error("net: {0}")]
+    Net(String),
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -70,7 +73,10 @@ impl Meta {
         let routing = Arc::new(
             RoutingCache::new(config.mgmtd.clone()).map_err(|e| MetaError::Mgmtd(e.to_string()))?,
         );
-        let net = Arc::new(ff_net::NetClient::new(ff_net::NetConfig::default()));
+        let net = Arc::new(
+            ff_net::NetClient::new(config.net.clone())
+                .map_err(|e| MetaError::Net(e.to_string()))?,
+        );
         let chunks = Arc::new(ChunkClient::new(routing, net, STORAGE_DEADLINE));
         let mut api_slot = None;
         let mut metrics_error = None;

@@ -107,7 +107,9 @@ impl StorageDaemon {
             node_id: config.node_id,
             targets,
             routing,
-            net: Arc::new(NetClient::new(config.net.clone())),
+            net: Arc::new(
+                NetClient::new(config.net.clone()).map_err(|e| StartError::Other(e.to_string()))?,
+            ),
             locks: Default::default(),
             repairs: Default::default(),
             last_heartbeat: Mutex::new(None),

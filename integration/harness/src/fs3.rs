@@ -513,7 +513,7 @@ impl Fs3Cluster {
     /// `deadline`.
     pub fn chunk_client(&self, deadline: Duration) -> anyhow::Result<ChunkClient> {
         let routing = Arc::new(RoutingCache::new(self.mgmtd_endpoints())?);
-        let net = Arc::new(ff_net::NetClient::new(ff_net::NetConfig::default()));
+        let net = Arc::new(ff_net::NetClient::new(ff_net::NetConfig::default())?);
         Ok(ChunkClient::new(routing, net, deadline))
     }
 

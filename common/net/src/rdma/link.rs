@@ -63,6 +63,13 @@ impl RemoteBuf {
     /// Its encoding in a message: addr, rkey, len (big-endian).
     pub const ENCODED_LEN: usize = 16;
 
+    /// No buffer (length 0).
+    pub const NONE: RemoteBuf = RemoteBuf {
+        addr: 0,
+        rkey: 0,
+        len: 0,
+    };
+
     /// The remote view of `memory`'s first `len` bytes.
     pub fn of(memory: &RegisteredMemory, len: usize) -> RemoteBuf {
         RemoteBuf {

@@ -187,6 +187,19 @@ fn scenario_collectives(comm: &Communicator) {
     comm.barrier().unwrap();
 }
 
+/// Floats whose sum depends on the order of additions, reduced; prints their fingerprint so
+/// that runs over different transports can be compared bit for bit.
+fn scenario_fingerprint(comm: &Communicator) {
+    let n = 4 << 20;
+    let rank = comm.rank() as f32 + 1.0;
+    let mut data: Vec<f32> = (0..n)
+        .map(|i| (i as f32 * 0.001 * rank).sin() * 1e3 / (1.0 + (i % 977) as f32))
+        .collect();
+    comm.allreduce(&mut data, ReduceOp::Sum).unwrap();
+    assert_identical(comm, &data, "fingerprint allreduce");
+    println!("fingerprint {}", fingerprint(&data));
+}
+
 fn scenario_overlap(comm: &Communicator) {
     // Several allreduces in flight while this thread computes.
     let handles: Vec<_> = (0..4)
@@ -320,6 +333,7 @@ fn rank_entry() {
     };
     match scenario.as_str() {
         "collectives" => scenario_collectives(&comm),
+        "fingerprint" => scenario_fingerprint(&comm),
         "overlap" => scenario_overlap(&comm),
         "killed" => scenario_killed(&comm),
         "mismatch" => scenario_mismatch(&comm),
@@ -572,4 +586,40 @@ fn a_missing_rank_is_named_at_rendezvous() {
             "{text}"
         );
     }
+}
+
+/// Two nodes of one rank each, over RDMA only (`HFREDUCE_TRANSPORT=rdma`) and over TCP: the
+/// allreduced floats are bit-identical. Runs in the Soft-RoCE guest (integration/rdma).
+#[cfg(feature = "rdma")]
+#[test]
+fn allreduce_over_rdma_is_bit_identical_to_tcp() {
+    if !ff_harness::rdma_device_here() {
+        return;
+    }
+    let fingerprints = |transport: &str| -> Vec<String> {
+        let outputs = finish(launch_with(
+            "fingerprint",
+            &[0, 1],
+            None,
+            120,
+            &[(None, "HFREDUCE_TRANSPORT", transport)],
+        ));
+        assert_all_done(&outputs);
+        outputs
+            .iter()
+            .map(|o| {
+                stdout(o)
+                    .lines()
+                    // libtest's "test rank_entry ... " may precede it on the line.
+                    .find_map(|l| l.split("fingerprint ").nth(1).map(str::to_string))
+                    .unwrap()
+            })
+            .collect()
+    };
+    let over_tcp = fingerprints("tcp");
+    let over_rdma = fingerprints("rdma");
+    assert_eq!(
+        over_rdma, over_tcp,
+        "RDMA and TCP reduced to different bits"
+    );
 }

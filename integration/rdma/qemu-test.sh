@@ -3,7 +3,7 @@
 # Debian kernel under qemu has Soft-RoCE (rdma_rxe): this script installs what it needs, makes
 # the guest (the Debian kernel, unpacked, and a busybox initramfs with the RDMA modules; cached
 # in target/rdma-qemu), and runs every RDMA test binary inside its own guest through a cargo
-# runner (runner.sh). Arguments go to `cargo test` (e.g. a test name filter).
+# runner (runner.sh). Arguments go to the test binaries (e.g. a test name filter).
 #
 #   integration/rdma/qemu-test.sh            # every RDMA test
 #   integration/rdma/qemu-test.sh --prepare  # only install and make the guest
@@ -25,7 +25,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [ ! -s "$CACHE/initrd.cpio.gz" ] || [ ! -s "$CACHE/kernel" ]; then
+if [ ! -s "$CACHE/initrd.cpio.gz" ] || [ ! -s "$CACHE/kernel" ] || ! cmp -s "$HERE/init" "$CACHE/init"; then
     echo "making the guest in $CACHE"
     rm -rf "$CACHE" && mkdir -p "$CACHE" && cd "$CACHE"
     KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
@@ -50,6 +50,7 @@ if [ ! -s "$CACHE/initrd.cpio.gz" ] || [ ! -s "$CACHE/kernel" ]; then
     (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) > initrd.cpio.gz
     rm -rf "$R"
     cp "kroot/boot/vmlinuz-$K" kernel
+    cp "$HERE/init" init
     rm -rf kroot
     cd "$ROOT"
 fi
@@ -61,4 +62,8 @@ cd "$ROOT"
 # Each binary boots its own guest (~7 s); only the RDMA test binaries run there. ff-net's
 # behaviour suite (tests/transport.rs) runs unchanged, over RDMA, and proves it did.
 export FF_NET_EXPECT_RDMA=1
-cargo test --release -p ff-net --features rdma --test rdma --test transport "$@"
+cargo test --release -p ff-net --features rdma --test rdma --test transport -- "$@"
+# fs3: a 3-daemon chain and a client moving chunks over RDMA.
+cargo test --release -p fs3 --features rdma --test rdma -- "$@"
+# hfreduce: 2 nodes x 1 rank, RDMA against TCP, bit for bit.
+cargo test --release -p hfreduce --features rdma --test ranks -- --exact allreduce_over_rdma_is_bit_identical_to_tcp

@@ -21,6 +21,21 @@ pub use ports::{ensure_free, free_port_block};
 pub use process::ChildProcess;
 pub use tmpfs::Tmpfs;
 
+/// Whether RDMA tests can run here (an RDMA device exists, as in the Soft-RoCE guest of
+/// `integration/rdma/qemu-test.sh`). Without one they skip with a printed reason, except in CI,
+/// where the guest must have run them: there a missing device fails.
+pub fn rdma_device_here() -> bool {
+    let here = std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some());
+    if !here {
+        assert!(
+            std::env::var("CI").is_err(),
+            "RDMA tests need a device: run them through integration/rdma/qemu-test.sh"
+        );
+        eprintln!("skipping: no RDMA device (run integration/rdma/qemu-test.sh)");
+    }
+    here
+}
+
 /// One process of a local cluster, as `fireflyer up` lists them in `cluster.json`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ProcessInfo {

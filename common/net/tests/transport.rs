@@ -246,3 +246,28 @@ async fn calls_in_flight_per_connection_are_bounded() {
     futures::future::join_all(calls).await;
     assert_eq!(echo.most.load(Ordering::SeqCst), 4);
 }
+
+#[tokio::test]
+async fn rdma_only_without_rdma_is_refused_at_start_naming_tcp() {
+    let rdma_only = NetConfig {
+        transport: ff_net::TransportKind::Rdma,
+        ..base()
+    };
+    let client = NetClient::new(rdma_only.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::start(listener, Arc::new(Echo::default()), &rdma_only);
+    if expect_rdma() {
+        // In the guest both start, and talk over RDMA.
+        let (client, server) = (client.unwrap(), server.unwrap());
+        let addr = server.local_addr().to_string();
+        client.call(&addr, call(ECHO, b"x", vec![1; 10])).await.unwrap();
+        assert_eq!(client.rdma_connections().await, 1);
+        return;
+    }
+    // One line, saying why and what to set instead.
+    let error = client.err().unwrap().to_string();
+    assert!(error.contains("transport = \"tcp\""), "{error}");
+    assert!(!error.contains('\n'), "{error}");
+    let error = server.err().unwrap().to_string();
+    assert!(error.contains("transport = \"tcp\""), "{error}");
+}

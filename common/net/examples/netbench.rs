@@ -109,7 +109,16 @@ async fn main() {
     let client = Arc::new(NetClient::new(config).unwrap());
     // Connect (and, over RDMA, register the staging buffers) before measuring.
     let payload = Bytes::from(vec![3u8; size]);
-    throughput(&client, &addr, SINK, payload.clone(), size, depth, Duration::from_millis(300)).await;
+    throughput(
+        &client,
+        &addr,
+        SINK,
+        payload.clone(),
+        size,
+        depth,
+        Duration::from_millis(300),
+    )
+    .await;
     let rdma = client.rdma_connections().await > 0;
 
     let write = throughput(&client, &addr, SINK, payload, size, depth, duration).await;

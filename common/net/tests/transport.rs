@@ -260,7 +260,10 @@ async fn rdma_only_without_rdma_is_refused_at_start_naming_tcp() {
         // In the guest both start, and talk over RDMA.
         let (client, server) = (client.unwrap(), server.unwrap());
         let addr = server.local_addr().to_string();
-        client.call(&addr, call(ECHO, b"x", vec![1; 10])).await.unwrap();
+        client
+            .call(&addr, call(ECHO, b"x", vec![1; 10]))
+            .await
+            .unwrap();
         assert_eq!(client.rdma_connections().await, 1);
         return;
     }

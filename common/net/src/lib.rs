@@ -166,7 +166,7 @@ fn rdma_here(config: &NetConfig) -> Result<Option<RdmaHere>, NetError> {
         TransportKind::Auto => match rdma::Context::shared(config) {
             Ok(context) => Ok(Some(context)),
             Err(error) => {
-                tracing::debug!(%error, "no RDMA: using TCP");
+                tracing::info!(%error, "RDMA unavailable: using TCP");
                 Ok(None)
             }
         },

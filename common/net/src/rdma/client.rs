@@ -89,18 +89,26 @@ impl RdmaConn {
         addr: &str,
     ) -> Result<RdmaConn, NetError> {
         let calls = config.max_in_flight_per_connection as u32;
-        let link = Link::establish(
+        let establish = Link::establish(
             stream,
             &context.pd,
             calls * MESSAGES_PER_CALL,
             calls * MESSAGES_PER_CALL,
             MESSAGE_SIZE,
-        )
-        .await
-        .map_err(|e| NetError::Connect {
+        );
+        let failed = |reason: String| NetError::Connect {
             addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let link = tokio::time::timeout(config.connect_timeout.get(), establish)
+            .await
+            .map_err(|_| {
+                failed(format!(
+                    "no RDMA handshake within {}",
+                    config.connect_timeout
+                ))
+            })?
+            .map_err(|e| failed(e.to_string()))?;
         let conn = RdmaConn {
             link: Arc::new(link),
             context: context.clone(),

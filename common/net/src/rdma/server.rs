@@ -45,15 +45,17 @@ pub(crate) async fn serve<H: Handler>(
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), NetError> {
     let calls = config.max_in_flight_per_connection;
-    let link = Link::establish(
+    let establish = Link::establish(
         stream,
         &context.pd,
         calls as u32 * MESSAGES_PER_CALL,
         calls as u32 * MESSAGES_PER_CALL,
         MESSAGE_SIZE,
-    )
-    .await
-    .map_err(rdma_error)?;
+    );
+    let link = tokio::time::timeout(config.connect_timeout.get(), establish)
+        .await
+        .map_err(|_| NetError::Protocol("no RDMA handshake in time".to_string()))?
+        .map_err(rdma_error)?;
     let serving = Arc::new(Serving {
         link,
         context,

@@ -1,6 +1,8 @@
 #!/bin/bash
 # ff-net over RDMA and over TCP inside the Soft-RoCE guest, beside perftest on the same guest
-# (ib_write_bw for bandwidth, ib_send_lat for latency: the limit of this device). Both ends run
+# (ib_write_bw and ib_read_bw for bandwidth, ib_send_lat for latency: the limits of this
+# device). ff-net's write calls move their payload by RDMA READ (the server pulls), its read
+# calls by RDMA WRITE (the server pushes). Both ends run
 # in the guest over rxe0 (GID 1, ::ffff:10.0.2.15). Prints one line per measurement.
 #
 #   integration/rdma/bench.sh [--size BYTES] [--depth N] [--seconds S]
@@ -28,7 +30,9 @@ done
         wait
     }
     echo \"perftest ib_write_bw $SIZE B (bytes, iters, BW peak MB/s, BW avg MB/s, MPPS):\"
-    perf ib_write_bw -s $SIZE -n 500 --report_gbits=false
+    perf ib_write_bw -s $SIZE -n 500
+    echo \"perftest ib_read_bw $SIZE B (bytes, iters, BW peak MB/s, BW avg MB/s, MPPS):\"
+    perf ib_read_bw -s $SIZE -n 500
     echo \"perftest ib_send_lat 8 B (bytes, iters, t_min, t_max, t_typical, t_avg, t_stdev, 99%, 99.9% us):\"
     perf ib_send_lat -s 8 -n 2000
     $BENCH --transport rdma ${*:-}

@@ -463,6 +463,9 @@ impl AsRawFd for ChannelFd {
     }
 }
 
+/// Polls of an empty completion queue before waiting for its event.
+const SPIN_POLLS: usize = 16;
+
 /// A completion queue with its own completion channel: `poll` sleeps on the channel's file
 /// descriptor until the device signals a completion.
 pub struct CompletionQueue {
@@ -593,6 +596,15 @@ impl CompletionQueue {
 
     /// Waits for completions and appends them to `out` (at least one).
     pub async fn poll(&self, out: &mut Vec<Completion>) -> Result<(), RdmaError> {
+        // A completion is often a few microseconds away (the reply to a message just sent):
+        // look again a few times, letting other tasks run, before paying for an event.
+        for _ in 0..SPIN_POLLS {
+            self.drain(out)?;
+            if !out.is_empty() {
+                return Ok(());
+            }
+            tokio::task::yield_now().await;
+        }
         loop {
             self.drain(out)?;
             if !out.is_empty() {

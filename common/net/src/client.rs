@@ -234,6 +234,15 @@ async fn read_replies(
     }
 }
 
+/// A client's open connections, by transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Connections {
+    /// Over TCP frames.
+    pub tcp: usize,
+    /// Over RDMA links.
+    pub rdma: usize,
+}
+
 /// A client of ff-net services on any number of peers.
 pub struct NetClient {
     config: NetConfig,
@@ -275,6 +284,11 @@ impl NetClient {
 
     /// How many of its open connections use RDMA.
     pub async fn rdma_connections(&self) -> usize {
+        self.connections().await.rdma
+    }
+
+    /// Its open connections, by transport.
+    pub async fn connections(&self) -> Connections {
         let peers: Vec<Arc<Peer>> = self
             .peers
             .lock()
@@ -282,11 +296,13 @@ impl NetClient {
             .values()
             .cloned()
             .collect();
-        let mut count = 0;
+        let mut count = Connections::default();
         for peer in peers {
             for slot in &peer.slots {
-                if let Some(conn) = slot.lock().await.as_ref() {
-                    count += usize::from(conn.is_rdma() && conn.alive());
+                match slot.lock().await.as_ref() {
+                    Some(conn) if conn.alive() && conn.is_rdma() => count.rdma += 1,
+                    Some(conn) if conn.alive() => count.tcp += 1,
+                    _ => {}
                 }
             }
         }

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use ff_config::{ByteSize, ConfigError, Duration, ensure};
 use serde::{Deserialize, Serialize};
 
-pub use client::NetClient;
+pub use client::{Connections, NetClient};
 pub use pool::{BufferPool, PooledBuf};
 pub use server::{Fault, Handler, Reply, Request, Server};
 

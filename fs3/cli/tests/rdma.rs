@@ -1,8 +1,9 @@
 //! fs3's data plane over RDMA verbs (run inside the Soft-RoCE guest by
 //! `integration/rdma/qemu-test.sh`, with `--features rdma`): a 3-daemon chain, replication 3,
 //! and a client whose transport is "rdma" only, so every chunk it writes and reads moves by RDMA
-//! READ and WRITE; the daemons' CRAQ forwards negotiate RDMA too ("auto"). Contents and checksums
-//! are verified on read, and every replica is compared byte for byte.
+//! READ and WRITE; the daemons' CRAQ forwards negotiate RDMA too ("auto"), which their
+//! `fs3_storage_peer_connections{transport="rdma"}` gauge shows. Contents and checksums are
+//! verified on read, and every replica is compared byte for byte.
 
 #![cfg(feature = "rdma")]
 #![allow(clippy::unwrap_used)]
@@ -58,5 +59,16 @@ async fn a_chain_moves_chunks_over_rdma() {
         "the client's calls did not go over RDMA"
     );
     assert_replicas_identical(&client, &cluster, 3).await;
+    // The daemons forwarded to each other over RDMA too (their gauge, refreshed each heartbeat).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut forwarding = 0.0;
+    for addr in cluster.metrics_endpoints().values() {
+        let text = ff_metrics::http_get(addr, "/metrics").await.unwrap();
+        if text.contains("fs3_storage_peer_connections") {
+            forwarding +=
+                common::metric_value(&text, "fs3_storage_peer_connections{transport=\"rdma\"}");
+        }
+    }
+    assert!(forwarding > 0.0, "the CRAQ forwards did not go over RDMA");
     cluster.stop_all().await;
 }

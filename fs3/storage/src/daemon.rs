@@ -201,6 +201,9 @@ async fn heartbeats(storage: Arc<Storage>, addr: String, hostname: String, inter
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        storage
+            .metrics
+            .set_peer_connections(storage.net.connections().await);
         // Until routing is known, a target's phase (and so what it reports) is a guess: a
         // starting target reports itself offline, and mgmtd would take it out of a chain it
         // was just put in. Learn the routing first.

@@ -18,6 +18,8 @@ pub struct StorageMetrics {
     pub routing_version: IntGauge,
     /// Size and free space of each target's filesystem.
     disk: IntGaugeVec,
+    /// Open connections to other storage daemons (CRAQ forwards, syncs), by transport.
+    peer_connections: IntGaugeVec,
 }
 
 impl StorageMetrics {
@@ -73,6 +75,17 @@ impl StorageMetrics {
         registry.register(Box::new(recovery.clone()))?;
         registry.register(Box::new(routing_version.clone()))?;
         registry.register(Box::new(disk.clone()))?;
+        let peer_connections = IntGaugeVec::new(
+            Opts::new(
+                "fs3_storage_peer_connections",
+                "Open connections to other storage daemons, by transport (tcp, rdma)",
+            ),
+            &["transport"],
+        )?;
+        for transport in ["tcp", "rdma"] {
+            peer_connections.with_label_values(&[transport]);
+        }
+        registry.register(Box::new(peer_connections.clone()))?;
         Ok(StorageMetrics {
             requests,
             bytes,
@@ -80,7 +93,17 @@ impl StorageMetrics {
             recovery,
             routing_version,
             disk,
+            peer_connections,
         })
+    }
+
+    /// Records the open connections to other storage daemons.
+    pub fn set_peer_connections(&self, connections: ff_net::Connections) {
+        for (transport, count) in [("tcp", connections.tcp), ("rdma", connections.rdma)] {
+            self.peer_connections
+                .with_label_values(&[transport])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 
     /// Records target `target`'s filesystem size and free space.

@@ -135,6 +135,11 @@ impl NetConfig {
             self.rdma_transfers >= 1,
             &field("rdma_transfers"),
             "must be at least 1",
+        )?;
+        ensure(
+            self.transport == TransportKind::Tcp || self.max_in_flight_per_connection <= 256,
+            &field("max_in_flight_per_connection"),
+            "must be at most 256 with RDMA (two receives per call, 512 per queue pair)",
         )
     }
 

@@ -21,11 +21,13 @@ use super::wire::{INLINE_REQUEST_HEADER, MESSAGE_SIZE, Message};
 use crate::pool::BufferPool;
 use crate::{Call, NetConfig, NetError, Response};
 
-/// A call waiting for its reply, with the registered buffers the server may still touch.
+/// A call waiting for its reply, with the registered buffers the server may still touch. A call
+/// whose caller gave up (timed out, cancelled) stays until its reply or the link's end, so
+/// its buffers are never reused while the server may still read or write them.
 struct Waiting {
     done: oneshot::Sender<Result<Response, NetError>>,
     /// The staged payload the server reads.
-    _staged: Option<RegisteredMemory>,
+    staged: Option<RegisteredMemory>,
     /// The buffer granted for the reply payload.
     granted: Option<RegisteredMemory>,
 }
@@ -45,22 +47,13 @@ pub(crate) struct RdmaConn {
 /// Messages each side may have in flight per call (request and grant; ask and reply).
 pub(crate) const MESSAGES_PER_CALL: u32 = 2;
 
-/// Sends `message` on `link` through a registered message buffer of `context`'s pool.
-pub(crate) async fn send_message(
-    link: &Link,
-    context: &Context,
-    message: &Message,
-) -> Result<(), NetError> {
+/// Sends `message` on `link`.
+pub(crate) async fn send_message(link: &Link, message: &Message) -> Result<(), NetError> {
     let mut bytes = Vec::with_capacity(256);
     message.encode(&mut bytes);
-    let mut buffer = context.pool.take(MESSAGE_SIZE).await.map_err(rdma_error)?;
-    buffer.as_mut_slice()[..bytes.len()].copy_from_slice(&bytes);
-    let buffer = link
-        .send(buffer, bytes.len())
+    link.send_bytes(&bytes)
         .await
-        .map_err(|e| NetError::Disconnected(e.to_string()))?;
-    context.pool.give(buffer);
-    Ok(())
+        .map_err(|e| NetError::Disconnected(e.to_string()))
 }
 
 /// Receives the next message on `link`: its bytes (the receive is posted again at once).
@@ -93,7 +86,7 @@ impl RdmaConn {
             stream,
             &context.pd,
             calls * MESSAGES_PER_CALL,
-            calls * MESSAGES_PER_CALL,
+            calls * (MESSAGES_PER_CALL + 1),
             MESSAGE_SIZE,
         );
         let failed = |reason: String| NetError::Connect {
@@ -162,11 +155,9 @@ impl RdmaConn {
         let staged = if staged_len == 0 {
             None
         } else {
-            let mut staged = self
-                .context
-                .pool
-                .take(staged_len)
+            let mut staged = tokio::time::timeout_at(deadline, self.context.pool.take(staged_len))
                 .await
+                .map_err(|_| timed_out())?
                 .map_err(rdma_error)?;
             let bytes = staged.as_mut_slice();
             let mut at = 0;
@@ -185,7 +176,7 @@ impl RdmaConn {
             id,
             Waiting {
                 done,
-                _staged: staged,
+                staged,
                 granted: None,
             },
         );
@@ -201,19 +192,21 @@ impl RdmaConn {
                 call.header.to_vec()
             },
         };
-        if let Err(error) = send_message(&self.link, &self.context, &request).await {
-            self.calls().remove(&id);
-            return Err(error);
+        match tokio::time::timeout_at(deadline, send_message(&self.link, &request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                // The link broke: nothing of this call will be read or written any more.
+                self.calls().remove(&id);
+                return Err(error);
+            }
+            Err(_) => return Err(timed_out()),
         }
         match tokio::time::timeout_at(deadline, reply).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(NetError::Disconnected(self.addr.clone())),
-            Err(_) => {
-                // Its buffers are deregistered, not reused: a late write from the server then
-                // fails on the server's side instead of landing in someone else's data.
-                self.calls().remove(&id);
-                Err(timed_out())
-            }
+            // The call stays registered until its late reply (which returns its buffers) or
+            // the link's end.
+            Err(_) => Err(timed_out()),
         }
     }
 }
@@ -239,6 +232,12 @@ async fn read_replies(
             let bytes = receive_message(&link).await?;
             match Message::decode(&bytes) {
                 Some(Message::AskToWrite { id, len }) => {
+                    // The server has run the call, so it has read the staged payload: that
+                    // memory can serve the grant (calls holding payloads never starve replies).
+                    let staged = lock().get_mut(&id).and_then(|w| w.staged.take());
+                    if let Some(staged) = staged {
+                        context.pool.give(staged);
+                    }
                     // Granting may wait for registered memory: not on this loop.
                     tokio::spawn(grant(link.clone(), context.clone(), calls.clone(), id, len));
                 }
@@ -280,8 +279,8 @@ async fn read_replies(
                             ))),
                         }
                     };
-                    if let Some(granted) = waiting.granted {
-                        context.pool.give(granted);
+                    for buffer in [waiting.staged, waiting.granted].into_iter().flatten() {
+                        context.pool.give(buffer);
                     }
                     let _ = waiting.done.send(result);
                 }
@@ -333,7 +332,7 @@ async fn grant(link: Arc<Link>, context: Arc<Context>, calls: Arc<Calls>, id: u6
         }
         None => RemoteBuf::NONE,
     };
-    if let Err(error) = send_message(&link, &context, &Message::Grant { id, buffer }).await {
+    if let Err(error) = send_message(&link, &Message::Grant { id, buffer }).await {
         tracing::debug!(%error, "could not grant a reply buffer");
     }
 }

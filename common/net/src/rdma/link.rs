@@ -149,6 +149,10 @@ impl Shared {
 /// A connected queue pair with its completion task and side channel.
 pub struct Link {
     shared: Arc<Shared>,
+    pd: Arc<ProtectionDomain>,
+    /// Registered buffers for outgoing messages, this link's own (not the shared pool's: a
+    /// message must never wait for memory that calls in flight hold).
+    message_buffers: Mutex<Vec<RegisteredMemory>>,
     next_id: AtomicU64,
     received: tokio::sync::Mutex<mpsc::Receiver<(RegisteredMemory, usize)>>,
     recv_size: usize,
@@ -195,6 +199,8 @@ impl Link {
         let (deliver, received) = mpsc::channel(receives as usize);
         let link = Link {
             shared: shared.clone(),
+            pd: pd.clone(),
+            message_buffers: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             received: tokio::sync::Mutex::new(received),
             recv_size,
@@ -245,6 +251,11 @@ impl Link {
     fn post_receive(&self, memory: RegisteredMemory) -> Result<(), LinkError> {
         let id = RECV_BIT | self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut pending = self.shared.pending();
+        // Checked under the lock the completion task decides to exit under: a request posted
+        // here is always seen (and flushed) by it.
+        if self.is_broken() {
+            return Err(self.shared.broken_error());
+        }
         // SAFETY: the memory moves into `pending` before the request is posted, and leaves it
         // only when the request's completion arrives (or with the queue pair).
         unsafe {
@@ -287,13 +298,14 @@ impl Link {
         memory: RegisteredMemory,
         len: usize,
     ) -> Result<RegisteredMemory, LinkError> {
-        if self.is_broken() {
-            return Err(self.shared.broken_error());
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) & !RECV_BIT;
         let (waiter, done) = oneshot::channel();
         {
             let mut pending = self.shared.pending();
+            // Under the lock, as in `post_receive`.
+            if self.is_broken() {
+                return Err(self.shared.broken_error());
+            }
             // SAFETY: as in `post_receive`: the memory is the link's until completion.
             unsafe { self.shared.qp.post_send(id, op, &memory, 0, len)? };
             pending.insert(
@@ -308,6 +320,33 @@ impl Link {
             Ok(Ok(memory)) => Ok(memory),
             Ok(Err(_)) | Err(_) => Err(self.shared.broken_error()),
         }
+    }
+
+    /// Sends `bytes` (at most the receive size) as one message, from one of the link's own
+    /// registered message buffers.
+    pub async fn send_bytes(&self, bytes: &[u8]) -> Result<(), LinkError> {
+        if bytes.len() > self.recv_size {
+            return Err(LinkError::Broken {
+                peer: self.shared.peer.clone(),
+                reason: format!("a {} byte message is over {}", bytes.len(), self.recv_size),
+            });
+        }
+        let idle = self
+            .message_buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut buffer = match idle {
+            Some(buffer) => buffer,
+            None => RegisteredMemory::new(&self.pd, self.recv_size)?,
+        };
+        buffer.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        let buffer = self.send(buffer, bytes.len()).await?;
+        self.message_buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(buffer);
+        Ok(())
     }
 
     /// Sends `memory[..len]` as one message into the peer's next posted receive.
@@ -381,8 +420,11 @@ async fn complete(
 ) {
     let mut batch: Vec<Completion> = Vec::with_capacity(64);
     loop {
-        if shared.closed.load(Ordering::Acquire) && shared.pending().is_empty() {
-            break;
+        {
+            let pending = shared.pending();
+            if shared.closed.load(Ordering::Acquire) && pending.is_empty() {
+                break;
+            }
         }
         batch.clear();
         // Woken by the flush of every request once the link breaks.
@@ -390,9 +432,14 @@ async fn complete(
         match polled.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                // Without completions nothing more can be learnt. What is pending stays in
-                // `shared`, freed only after the queue pair is destroyed.
+                // Without completions nothing more can be learnt: every waiter is told. The
+                // memory stays in `shared`, freed only after the queue pair is destroyed.
                 shared.break_with(&error.to_string());
+                for pending in shared.pending().values_mut() {
+                    if let Some(waiter) = pending.waiter.take() {
+                        let _ = waiter.send(Err(error.to_string()));
+                    }
+                }
                 break;
             }
             Err(_) => continue,

@@ -49,7 +49,7 @@ pub(crate) async fn serve<H: Handler>(
         stream,
         &context.pd,
         calls as u32 * MESSAGES_PER_CALL,
-        calls as u32 * MESSAGES_PER_CALL,
+        calls as u32 * (MESSAGES_PER_CALL + 1),
         MESSAGE_SIZE,
     );
     let link = tokio::time::timeout(config.connect_timeout.get(), establish)
@@ -114,12 +114,14 @@ pub(crate) async fn serve<H: Handler>(
                 payload,
                 header,
             }) => {
-                // Waiting here leaves the link unread: the bound on calls per link.
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break Ok(());
-                };
+                // Calls wait for a permit in their own task: the link is always read, so the
+                // grants that running calls wait for are never stuck behind a new request.
+                let permits = permits.clone();
                 let serving = serving.clone();
                 tokio::spawn(async move {
+                    let Ok(permit) = permits.acquire_owned().await else {
+                        return;
+                    };
                     let reply = match serving
                         .take_request(method, header_len, header_in_payload, payload, header)
                         .await
@@ -218,7 +220,7 @@ impl<H: Handler> Serving<H> {
                 payload_len: payload.len() as u32,
                 inline_payload: Some(payload.to_vec()),
             };
-            return send_message(&self.link, &self.context, &reply).await;
+            return send_message(&self.link, &reply).await;
         }
         let (granted, grant) = oneshot::channel();
         self.grants
@@ -229,7 +231,7 @@ impl<H: Handler> Serving<H> {
             id,
             len: payload.len() as u32,
         };
-        send_message(&self.link, &self.context, &ask).await?;
+        send_message(&self.link, &ask).await?;
         let buffer = match tokio::time::timeout(self.grant_timeout, grant).await {
             Ok(Ok(buffer)) => buffer,
             _ => {
@@ -269,7 +271,7 @@ impl<H: Handler> Serving<H> {
             payload_len: payload.len() as u32,
             inline_payload: None,
         };
-        send_message(&self.link, &self.context, &reply).await
+        send_message(&self.link, &reply).await
     }
 
     async fn fault(&self, id: u64, message: &str) -> Result<(), NetError> {
@@ -280,6 +282,6 @@ impl<H: Handler> Serving<H> {
             payload_len: 0,
             inline_payload: Some(Vec::new()),
         };
-        send_message(&self.link, &self.context, &reply).await
+        send_message(&self.link, &reply).await
     }
 }

@@ -663,18 +663,24 @@ pub struct Endpoint {
     pub psn: u32,
     /// The GID it is reached at.
     pub gid: [u8; 16],
+    /// Its device's active MTU (verbs' enum value).
+    pub mtu: u8,
+    /// RDMA READs it can answer at once.
+    pub rd_atomic: u8,
 }
 
 impl Endpoint {
-    /// Its encoding in the handshake: qpn, psn (big-endian), gid.
-    pub const ENCODED_LEN: usize = 24;
+    /// Its encoding in the handshake: qpn, psn (big-endian), gid, mtu, rd_atomic.
+    pub const ENCODED_LEN: usize = 26;
 
     /// Encodes it for the handshake.
     pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
         let mut out = [0; Self::ENCODED_LEN];
         out[..4].copy_from_slice(&self.qpn.to_be_bytes());
         out[4..8].copy_from_slice(&self.psn.to_be_bytes());
-        out[8..].copy_from_slice(&self.gid);
+        out[8..24].copy_from_slice(&self.gid);
+        out[24] = self.mtu;
+        out[25] = self.rd_atomic;
         out
     }
 
@@ -684,11 +690,13 @@ impl Endpoint {
             u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
         };
         let mut gid = [0; 16];
-        gid.copy_from_slice(&bytes[8..]);
+        gid.copy_from_slice(&bytes[8..24]);
         Endpoint {
             qpn: word(0),
             psn: word(4) & 0x00ff_ffff,
             gid,
+            mtu: bytes[24],
+            rd_atomic: bytes[25],
         }
     }
 }
@@ -779,23 +787,30 @@ impl QueuePair {
 
     /// What the peer needs to connect to it.
     pub fn endpoint(&self) -> Endpoint {
+        let device = &self.pd.device;
         Endpoint {
             qpn: self.qpn(),
             psn: self.psn,
-            gid: self.pd.device.gid,
+            gid: device.gid,
+            mtu: u8::try_from(device.mtu).unwrap_or(1),
+            rd_atomic: device.max_rd_atomic,
         }
     }
 
-    /// Connects it to the peer's queue pair `remote` (INIT → RTR → RTS).
+    /// Connects it to the peer's queue pair `remote` (INIT → RTR → RTS), with the path MTU and
+    /// outstanding READs both ends support.
     pub fn connect(&self, remote: &Endpoint) -> Result<(), RdmaError> {
         let device = &self.pd.device;
+        let mtu = device.mtu.min(ibv_mtu::Type::from(remote.mtu.max(1)));
+        let rd_atomic = device.max_rd_atomic.min(remote.rd_atomic.max(1));
         // SAFETY: zeroed is a valid starting point for QP attributes.
         let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = ibv_qp_state::IBV_QPS_RTR;
-        attr.path_mtu = device.mtu;
+        attr.path_mtu = mtu;
         attr.dest_qp_num = remote.qpn;
         attr.rq_psn = remote.psn;
         attr.max_dest_rd_atomic = device.max_rd_atomic;
+        // The peer reads from us at most its own rd_atomic, so ours as responder stays.
         attr.min_rnr_timer = 12;
         attr.ah_attr.is_global = 1;
         attr.ah_attr.grh.dgid = ibv_gid { raw: remote.gid };
@@ -819,7 +834,7 @@ impl QueuePair {
         // does, retry rather than break the connection.
         attr.rnr_retry = 7;
         attr.sq_psn = self.psn;
-        attr.max_rd_atomic = device.max_rd_atomic;
+        attr.max_rd_atomic = rd_atomic;
         let mask = ibv_qp_attr_mask::IBV_QP_STATE.0
             | ibv_qp_attr_mask::IBV_QP_TIMEOUT.0
             | ibv_qp_attr_mask::IBV_QP_RETRY_CNT.0
@@ -953,6 +968,8 @@ mod tests {
             qpn: 0x00ab_cdef,
             psn: 0x0012_3456,
             gid: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 2, 15],
+            mtu: 3,
+            rd_atomic: 16,
         };
         assert_eq!(Endpoint::decode(&endpoint.encode()), endpoint);
         assert!(is_ipv4_mapped(&endpoint.gid));

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::verbs::{
     Completion, CompletionKind, CompletionQueue, Endpoint, ProtectionDomain, QueuePair, RdmaError,
@@ -111,6 +111,8 @@ struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
     broken: Mutex<Option<String>>,
     closed: AtomicBool,
+    /// Becomes true with `closed`: wakes the link's tasks (no timer polls for it).
+    closing: watch::Sender<bool>,
     peer: String,
 }
 
@@ -129,6 +131,7 @@ impl Shared {
             }
         }
         self.closed.store(true, Ordering::Release);
+        self.closing.send_replace(true);
         self.qp.break_off();
     }
 
@@ -194,6 +197,7 @@ impl Link {
             pending: Mutex::new(HashMap::new()),
             broken: Mutex::new(None),
             closed: AtomicBool::new(false),
+            closing: watch::channel(false).0,
             peer: peer.clone(),
         });
         let (deliver, received) = mpsc::channel(receives as usize);
@@ -419,19 +423,29 @@ async fn complete(
     deliver: mpsc::Sender<(RegisteredMemory, usize)>,
 ) {
     let mut batch: Vec<Completion> = Vec::with_capacity(64);
+    let mut closing = shared.closing.subscribe();
     loop {
-        {
+        let closed = {
             let pending = shared.pending();
-            if shared.closed.load(Ordering::Acquire) && pending.is_empty() {
+            let closed = shared.closed.load(Ordering::Acquire);
+            if closed && pending.is_empty() {
                 break;
             }
-        }
+            closed
+        };
         batch.clear();
-        // Woken by the flush of every request once the link breaks.
-        let polled = tokio::time::timeout(std::time::Duration::from_secs(1), cq.poll(&mut batch));
-        match polled.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
+        // Once broken, every request left completes (flushed): only the queue is waited on.
+        let polled = if closed {
+            cq.poll(&mut batch).await
+        } else {
+            tokio::select! {
+                polled = cq.poll(&mut batch) => polled,
+                _ = closing.wait_for(|closed| *closed) => continue,
+            }
+        };
+        match polled {
+            Ok(()) => {}
+            Err(error) => {
                 // Without completions nothing more can be learnt: every waiter is told. The
                 // memory stays in `shared`, freed only after the queue pair is destroyed.
                 shared.break_with(&error.to_string());
@@ -442,7 +456,6 @@ async fn complete(
                 }
                 break;
             }
-            Err(_) => continue,
         }
         for completion in batch.drain(..) {
             let Some(pending) = shared.pending().remove(&completion.wr_id) else {
@@ -477,25 +490,21 @@ async fn complete(
 /// closed here (then the connection is closed, telling the peer).
 async fn watch_side_channel(shared: Arc<Shared>, mut stream: TcpStream) {
     let mut byte = [0u8; 1];
+    let mut closing = shared.closing.subscribe();
     loop {
-        if shared.closed.load(Ordering::Acquire) {
-            break;
-        }
-        match tokio::time::timeout(
-            std::time::Duration::from_millis(200),
-            stream.read(&mut byte),
-        )
-        .await
-        {
-            Ok(Ok(0)) => {
-                shared.break_with("the peer closed the connection");
-                break;
-            }
-            Ok(Err(error)) => {
-                shared.break_with(&format!("the peer's connection failed: {error}"));
-                break;
-            }
-            Ok(Ok(_)) | Err(_) => {}
+        tokio::select! {
+            read = stream.read(&mut byte) => match read {
+                Ok(0) => {
+                    shared.break_with("the peer closed the connection");
+                    break;
+                }
+                Err(error) => {
+                    shared.break_with(&format!("the peer's connection failed: {error}"));
+                    break;
+                }
+                Ok(_) => {}
+            },
+            _ = closing.wait_for(|closed| *closed) => break,
         }
     }
     let _ = stream.shutdown().await;

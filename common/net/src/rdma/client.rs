@@ -17,7 +17,10 @@ use tokio::sync::{Semaphore, oneshot};
 use super::context::Context;
 use super::link::{Link, RemoteBuf};
 use super::verbs::RegisteredMemory;
-use super::wire::{INLINE_REQUEST_HEADER, MESSAGE_SIZE, Message};
+use super::wire::{
+    INLINE_REQUEST_HEADER, MESSAGE_SIZE, MESSAGES_PER_CALL, Message, rdma_error, receive_message,
+    send_message,
+};
 use crate::pool::BufferPool;
 use crate::{Call, NetConfig, NetError, Response};
 
@@ -42,34 +45,6 @@ pub(crate) struct RdmaConn {
     credits: Semaphore,
     next_id: AtomicU64,
     addr: String,
-}
-
-/// Messages each side may have in flight per call (request and grant; ask and reply).
-pub(crate) const MESSAGES_PER_CALL: u32 = 2;
-
-/// Sends `message` on `link`.
-pub(crate) async fn send_message(link: &Link, message: &Message) -> Result<(), NetError> {
-    let mut bytes = Vec::with_capacity(256);
-    message.encode(&mut bytes);
-    link.send_bytes(&bytes)
-        .await
-        .map_err(|e| NetError::Disconnected(e.to_string()))
-}
-
-/// Receives the next message on `link`: its bytes (the receive is posted again at once).
-pub(crate) async fn receive_message(link: &Link) -> Result<Vec<u8>, NetError> {
-    let (buffer, len) = link
-        .recv()
-        .await
-        .map_err(|e| NetError::Disconnected(e.to_string()))?;
-    let bytes = buffer.as_slice()[..len].to_vec();
-    link.repost(buffer)
-        .map_err(|e| NetError::Disconnected(e.to_string()))?;
-    Ok(bytes)
-}
-
-pub(crate) fn rdma_error(error: impl std::fmt::Display) -> NetError {
-    NetError::Io(std::io::Error::other(format!("rdma: {error}")))
 }
 
 impl RdmaConn {

@@ -1,5 +1,8 @@
 //! The RDMA verbs backend of ff-net (feature `rdma`): devices and registered memory
-//! (`verbs`), a bounded pool of registered buffers (`pool`), and links — connected queue pairs set up over TCP (`link`).
+//! (`verbs`), a bounded pool of registered buffers (`pool`), links — connected queue pairs
+//! set up over TCP (`link`) —, what a process's connections share (`context`), the messages of
+//! a call (`wire`), and the calling and serving sides of ff-net over a link (`client`,
+//! `server`).
 
 pub(crate) mod client;
 mod context;

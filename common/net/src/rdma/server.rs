@@ -12,10 +12,12 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{Semaphore, oneshot, watch};
 
-use super::client::{MESSAGES_PER_CALL, rdma_error, receive_message, send_message};
 use super::context::Context;
 use super::link::{Link, RemoteBuf};
-use super::wire::{INLINE_REPLY, MESSAGE_SIZE, Message};
+use super::wire::{
+    INLINE_REPLY, MESSAGE_SIZE, MESSAGES_PER_CALL, Message, rdma_error, receive_message,
+    send_message,
+};
 use crate::pool::{BufferPool, PooledBuf};
 use crate::{Fault, Handler, NetConfig, NetError, Reply, Request};
 

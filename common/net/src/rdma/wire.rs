@@ -10,7 +10,8 @@
 //! - `Reply` (server → client): the outcome and header; the payload is already in the granted
 //!   buffer (RC delivers the SEND after the WRITE before it), or inline when small.
 
-use super::link::RemoteBuf;
+use super::link::{Link, RemoteBuf};
+use crate::NetError;
 
 /// Largest message (the size of every posted receive).
 pub const MESSAGE_SIZE: usize = 16 * 1024;
@@ -196,6 +197,34 @@ impl Message {
             _ => None,
         }
     }
+}
+
+/// Messages each side may have in flight per call (request and grant; ask and reply).
+pub(crate) const MESSAGES_PER_CALL: u32 = 2;
+
+/// Sends `message` on `link`.
+pub(crate) async fn send_message(link: &Link, message: &Message) -> Result<(), NetError> {
+    let mut bytes = Vec::with_capacity(256);
+    message.encode(&mut bytes);
+    link.send_bytes(&bytes)
+        .await
+        .map_err(|e| NetError::Disconnected(e.to_string()))
+}
+
+/// Receives the next message on `link`: its bytes (the receive is posted again at once).
+pub(crate) async fn receive_message(link: &Link) -> Result<Vec<u8>, NetError> {
+    let (buffer, len) = link
+        .recv()
+        .await
+        .map_err(|e| NetError::Disconnected(e.to_string()))?;
+    let bytes = buffer.as_slice()[..len].to_vec();
+    link.repost(buffer)
+        .map_err(|e| NetError::Disconnected(e.to_string()))?;
+    Ok(bytes)
+}
+
+pub(crate) fn rdma_error(error: impl std::fmt::Display) -> NetError {
+    NetError::Io(std::io::Error::other(format!("rdma: {error}")))
 }
 
 #[cfg(test)]

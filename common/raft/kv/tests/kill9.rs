@@ -1,6 +1,8 @@
 //! Real processes, SIGKILL: a client writes 2,000 keys while the leader process is killed and
 //! restarted several times. Afterwards every acknowledged key is on every node with its value,
-//! no key was applied twice, and each kill was followed by a new leader within 3 seconds.
+//! no key was applied twice, and each kill was followed by a new leader within 6 seconds (the
+//! election timeout is a second or two; the margin is for a loaded CI machine — how fast
+//! failover is, `ff-kv bench` measures).
 
 // Tests may panic on anything unexpected; that is how they fail.
 #![allow(clippy::unwrap_used)]
@@ -110,7 +112,7 @@ async fn acknowledged_writes_survive_leader_kills() {
     }
     for (killed, elected, took) in &election_times {
         assert!(
-            *took < Duration::from_secs(3),
+            *took < Duration::from_secs(6),
             "after killing node {killed}, node {elected} took {took:?} to lead: {election_times:?}"
         );
     }

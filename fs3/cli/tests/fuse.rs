@@ -481,9 +481,15 @@ async fn large_files_trees_and_concurrency() {
         return;
     };
     let mnt = mount.point().to_path_buf();
+    // The cluster keeps three replicas of what goes through the mount on disk (768 MiB for the
+    // big file, plus class growth); the files it is compared against live in memory.
+    ff_harness::disk::require_free(dir.path(), 1280 << 20, "the 256 MiB file, three times")
+        .unwrap();
+    let scratch = ff_harness::disk::memory_scratch().unwrap();
+    let local = scratch.path();
 
     // 256 MiB of random bytes: dd in, cp out, cmp and sha256 through the mount.
-    let source = dir.path().join("random.bin");
+    let source = local.join("random.bin");
     run(Command::new("dd")
         .args(["if=/dev/urandom", "bs=1M", "count=256", "status=none"])
         .arg(format!("of={}", source.display())));
@@ -493,12 +499,10 @@ async fn large_files_trees_and_concurrency() {
         .arg(format!("of={}", mnt.join("big.bin").display())));
     run(Command::new("cp")
         .arg(mnt.join("big.bin"))
-        .arg(dir.path().join("back.bin")));
-    run(Command::new("cmp")
-        .arg(&source)
-        .arg(dir.path().join("back.bin")));
+        .arg(local.join("back.bin")));
+    run(Command::new("cmp").arg(&source).arg(local.join("back.bin")));
     assert_eq!(sha256(&mnt.join("big.bin")), sha256(&source));
-    std::fs::remove_file(dir.path().join("back.bin")).unwrap();
+    std::fs::remove_file(local.join("back.bin")).unwrap();
 
     // The mount's own series saw that traffic, and a failed lookup as an error.
     assert!(std::fs::metadata(mnt.join("no-such-file")).is_err());
@@ -513,15 +517,15 @@ async fn large_files_trees_and_concurrency() {
     assert_eq!(series("fs3_fuse_writeback_errors_total"), 0.0);
 
     // A tree of over a thousand files with symlinks and hard links, through tar.
-    let tree = dir.path().join("tree");
+    let tree = local.join("tree");
     let files = make_tree(&tree, 8, 16);
     assert!(files >= 1000, "{files} files");
-    let tarball = dir.path().join("tree.tar");
+    let tarball = local.join("tree.tar");
     run(Command::new("tar")
         .arg("cf")
         .arg(&tarball)
         .arg("-C")
-        .arg(dir.path())
+        .arg(local)
         .arg("tree"));
     run(Command::new("tar")
         .arg("xf")

@@ -6,10 +6,12 @@
 //! - [`fs3`]: a local fs3 cluster (mgmtd replicas and storage daemons as processes).
 //! - [`hai`]: a local hai cluster (server replicas and node agents as processes).
 //! - [`tmpfs`]: a small tmpfs, for disks that fill up on purpose.
+//! - [`disk`]: free space checked before big writes; scratch space in memory.
 //!
 //! Errors here are reported to the person running a test or demo, so they are `anyhow`
 //! errors carrying context rather than typed errors for a caller to match on.
 
+pub mod disk;
 pub mod fs3;
 pub mod hai;
 pub mod ports;

@@ -46,7 +46,7 @@ pub use config::{MemberConfig, RaftConfig, TransportConfig};
 pub use daemon::{Daemon, DaemonError};
 pub use error::{RaftError, StateMachineError, StorageError};
 pub use node::{Consistency, GroupStatus, MemberStatus, RaftNode, Role};
-pub use process::{init_logging, stop_signal, until_stopped};
+pub use process::{DaemonArgs, init_logging, stop_signal, until_stopped};
 pub use request_id::{RequestIds, RequestTicket};
 pub use service::{RaftApi, status_reply};
 pub use state_machine::{ApplyContext, StateMachine};

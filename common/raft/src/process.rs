@@ -1,10 +1,42 @@
-//! What every fireflyer daemon binary does around its service: logging to stderr filtered by
-//! `RUST_LOG`, and waiting for the signal to stop — SIGTERM, Ctrl-C, or (for daemons whose
+//! What every fireflyer daemon binary does around its service: its command-line arguments
+//! (`--config`, `--print-default-config`), logging to stderr filtered by `RUST_LOG`, and
+//! waiting for the signal to stop — SIGTERM, Ctrl-C, or (for daemons whose
 //! supervisor holds their stdin open) the end of standard input — or for the raft node to stop
 //! on its own.
 
+use std::path::PathBuf;
+
+use ff_config::{ConfigError, DaemonConfig};
+
 use crate::node::RaftNode;
 use crate::state_machine::StateMachine;
+
+/// How a daemon subcommand is run (`fs3 meta`, `hai server`, ...).
+#[derive(clap::Args, Debug)]
+pub struct DaemonArgs {
+    /// Config file (TOML); see --print-default-config.
+    #[arg(long, required_unless_present = "print_default_config")]
+    pub config: Option<PathBuf>,
+    /// Print the documented default config and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
+    /// Exit when standard input closes (used by supervisors that pipe it).
+    #[arg(long, hide = true)]
+    pub exit_with_parent: bool,
+}
+
+impl DaemonArgs {
+    /// The daemon's validated config from its file (and the environment), logging set up; or,
+    /// with `--print-default-config`, the documented template printed and nothing to run.
+    pub fn config<C: DaemonConfig>(&self) -> Result<Option<C>, ConfigError> {
+        if self.print_default_config {
+            print!("{}", C::TEMPLATE);
+            return Ok(None);
+        }
+        init_logging();
+        ff_config::load(self.config.as_deref()).map(Some)
+    }
+}
 
 /// Logs to stderr, `info` unless `RUST_LOG` says otherwise (colours only on a terminal).
 pub fn init_logging() {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use ff_config::DaemonConfig;
+use ff_raft::DaemonArgs;
 use fs3_meta::{Meta, MetaConfig};
 use fs3_mgmtd::{Mgmtd, MgmtdConfig};
 use fs3_storage::{StorageConfig, StorageDaemon};
@@ -89,20 +89,6 @@ enum Cmd {
         #[command(subcommand)]
         command: admin::AdminCmd,
     },
-}
-
-/// How a daemon subcommand is run.
-#[derive(clap::Args)]
-struct DaemonArgs {
-    /// Config file (TOML); see --print-default-config.
-    #[arg(long, required_unless_present = "print_default_config")]
-    config: Option<PathBuf>,
-    /// Print the documented default config and exit.
-    #[arg(long)]
-    print_default_config: bool,
-    /// Exit when standard input closes (used by supervisors that pipe it).
-    #[arg(long, hide = true)]
-    exit_with_parent: bool,
 }
 
 #[derive(Subcommand)]
@@ -198,22 +184,11 @@ pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
     }
 }
 
-/// A daemon's validated config from its file (and the environment), logging set up; or, with
-/// `--print-default-config`, the documented template printed and nothing to run.
-fn daemon_config<C: DaemonConfig>(args: &DaemonArgs) -> anyhow::Result<Option<C>> {
-    if args.print_default_config {
-        print!("{}", C::TEMPLATE);
-        return Ok(None);
-    }
-    ff_raft::init_logging();
-    Ok(Some(ff_config::load(args.config.as_deref())?))
-}
-
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let connect = cli.connect;
     match cli.command {
         Cmd::Mgmtd(args) => {
-            let Some(config) = daemon_config::<MgmtdConfig>(&args)? else {
+            let Some(config) = args.config::<MgmtdConfig>()? else {
                 return Ok(());
             };
             let mgmtd = Mgmtd::start(config).await?;
@@ -224,7 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             failure.map_or(Ok(()), |reason| bail!("raft node stopped: {reason}"))
         }
         Cmd::Meta(args) => {
-            let Some(config) = daemon_config::<MetaConfig>(&args)? else {
+            let Some(config) = args.config::<MetaConfig>()? else {
                 return Ok(());
             };
             let meta = Meta::start(config).await?;
@@ -235,7 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             failure.map_or(Ok(()), |reason| bail!("raft node stopped: {reason}"))
         }
         Cmd::Storage(args) => {
-            let Some(config) = daemon_config::<StorageConfig>(&args)? else {
+            let Some(config) = args.config::<StorageConfig>()? else {
                 return Ok(());
             };
             let storage = StorageDaemon::start(config).await?;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use ff_config::DaemonConfig;
+use ff_raft::DaemonArgs;
 use hai_agent::{AgentConfig, NodeAgent};
 use hai_server::{Server, ServerConfig};
 
@@ -141,28 +141,6 @@ enum UserCmd {
     List,
 }
 
-#[derive(clap::Args)]
-struct DaemonArgs {
-    /// Config file (TOML); see --print-default-config.
-    #[arg(long, required_unless_present = "print_default_config")]
-    config: Option<PathBuf>,
-    /// Print the documented default config and exit.
-    #[arg(long)]
-    print_default_config: bool,
-    /// Exit when standard input closes (used by supervisors that pipe it).
-    #[arg(long, hide = true)]
-    exit_with_parent: bool,
-}
-
-fn daemon_config<C: DaemonConfig>(args: &DaemonArgs) -> anyhow::Result<Option<C>> {
-    if args.print_default_config {
-        print!("{}", C::TEMPLATE);
-        return Ok(None);
-    }
-    ff_raft::init_logging();
-    Ok(Some(ff_config::load(args.config.as_deref())?))
-}
-
 /// Runs the `hai` command line `args` (the program name first); returns the exit code.
 pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
     let cli = match Cli::try_parse_from(args) {
@@ -205,7 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let connect = cli.connect;
     match cli.command {
         Cmd::Server(args) => {
-            let Some(config) = daemon_config::<ServerConfig>(&args)? else {
+            let Some(config) = args.config::<ServerConfig>()? else {
                 return Ok(());
             };
             let server = Server::start(config).await?;
@@ -216,7 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             failure.map_or(Ok(()), |reason| bail!("raft node stopped: {reason}"))
         }
         Cmd::Agent(args) => {
-            let Some(config) = daemon_config::<AgentConfig>(&args)? else {
+            let Some(config) = args.config::<AgentConfig>()? else {
                 return Ok(());
             };
             let exe = std::env::current_exe().context("finding this program")?;

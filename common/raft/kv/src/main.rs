@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use ff_config::DaemonConfig;
 use ff_raft::RaftConfig;
 use ff_raft_kv::procs::{ProcessCluster, ProcessClusterSpec};
 use ff_raft_kv::{KvClient, KvConfig, bench, demo};
@@ -37,17 +36,7 @@ struct Endpoints {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one node.
-    Serve {
-        /// Config file (TOML); see --print-default-config.
-        #[arg(long, required_unless_present = "print_default_config")]
-        config: Option<PathBuf>,
-        /// Print the documented default config and exit.
-        #[arg(long)]
-        print_default_config: bool,
-        /// Exit when standard input closes (used by supervisors that pipe it).
-        #[arg(long, hide = true)]
-        exit_with_parent: bool,
-    },
+    Serve(ff_raft::DaemonArgs),
     /// Set a key.
     Put {
         key: String,
@@ -182,17 +171,11 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Serve {
-            config,
-            print_default_config,
-            exit_with_parent,
-        } => {
-            if print_default_config {
-                print!("{}", KvConfig::TEMPLATE);
+        Cmd::Serve(args) => {
+            let Some(config) = args.config::<KvConfig>()? else {
                 return Ok(());
-            }
-            ff_raft::init_logging();
-            serve(config, exit_with_parent).await
+            };
+            serve(config, args.exit_with_parent).await
         }
         Cmd::Put {
             key,
@@ -292,8 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: Option<PathBuf>, exit_with_parent: bool) -> anyhow::Result<()> {
-    let config: KvConfig = ff_config::load(config.as_deref())?;
+async fn serve(config: KvConfig, exit_with_parent: bool) -> anyhow::Result<()> {
     let server = ff_raft_kv::server::start(config).await?;
     let failure = ff_raft::until_stopped(server.node(), exit_with_parent).await?;
     server.shutdown().await;

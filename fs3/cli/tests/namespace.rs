@@ -227,17 +227,34 @@ async fn meta_leader_killed_mid_stream() {
     cluster.stop_all().await;
 }
 
-/// A writer that dies without fsync or close: once its keep-alives stop for the session lease,
-/// meta ends its session with the length the chunks on storage give.
+/// A live writer keeps its session however short meta's lease (clients pace their keep-alives
+/// by the lease meta tells them); a writer that dies without fsync or close loses it once its
+/// keep-alives stop for the lease, and meta ends its session with the length the chunks on
+/// storage give.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_writers_length_is_recovered_from_storage() {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = common::spec(dir.path(), 1, 3);
     spec.meta_replicas = 1;
+    // Shorter than the clients' own longest keep-alive interval (10 s).
     spec.session_lease = Duration::from_secs(2);
     let mut cluster = common::start(spec).await;
     let root = Credentials::default();
     let observer = cluster.fs_client().await.unwrap();
+
+    // Alive but idle for three leases between its write and its fsync: the session holds.
+    let (inode, session) = observer
+        .create_file(&root, ROOT, b"idle", 0o644, true, false)
+        .await
+        .unwrap();
+    observer
+        .write_at(&inode, &session, 0, Bytes::from_static(b"still mine"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let synced = observer.sync_session(&root, &session, false).await.unwrap();
+    assert_eq!(synced.length, 10);
+    assert_eq!(synced.sessions, 0);
     let content = pattern(2_500_000, 3);
     {
         let writer = cluster.fs_client().await.unwrap();

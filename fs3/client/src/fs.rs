@@ -76,7 +76,8 @@ pub struct Fs3Options {
     pub chunk_deadline: Duration,
     /// Most bytes of one I/O in flight at once.
     pub max_inflight_bytes: u64,
-    /// How often write sessions are kept alive.
+    /// Longest time between keep-alives of this client's write sessions; a third of meta's
+    /// session lease (told in every keep-alive reply) when that is shorter.
     pub keep_alive_interval: Duration,
     /// How chunk data moves to and from storage (transport, limits).
     pub net: ff_net::NetConfig,
@@ -753,21 +754,33 @@ impl Fs3 {
     }
 }
 
-async fn keep_alive(meta: LeaderClient, token: String, client: u64, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Keeps this client's write sessions alive: at once (meta learns of the client), then every
+/// `longest` or a third of the lease meta judges by, whichever is shorter, so that a late tick
+/// on a loaded machine never costs a live writer its sessions.
+async fn keep_alive(meta: LeaderClient, token: String, client: u64, longest: Duration) {
+    let mut interval = longest;
     loop {
-        ticker.tick().await;
         let result = meta
             .call_idempotent(|channel| {
                 let request = with_token(tonic::Request::new(KeepAliveRequest { client }), &token);
                 async move { MetaClient::new(channel).keep_alive(request).await }
             })
             .await;
-        if let Err(status) = result {
-            tracing::debug!(message = status.message(), "keep-alive failed");
+        match result {
+            Ok(reply) => interval = keep_alive_interval(longest, reply.session_lease_ms),
+            Err(status) => tracing::debug!(message = status.message(), "keep-alive failed"),
         }
+        tokio::time::sleep(interval).await;
     }
+}
+
+/// The pause between keep-alives: `longest`, or a third of meta's lease when that is shorter
+/// (a lease of 0 comes from a meta that does not say; `longest` stands).
+fn keep_alive_interval(longest: Duration, lease_ms: u64) -> Duration {
+    if lease_ms == 0 {
+        return longest;
+    }
+    longest.min(Duration::from_millis(lease_ms) / 3)
 }
 
 #[cfg(test)]
@@ -781,5 +794,20 @@ mod tests {
             p.iter().map(|p| (p.index, p.offset, p.len, p.at)).collect();
         assert_eq!(got, vec![(2, 50, 50, 0), (3, 0, 100, 50), (4, 0, 50, 150)]);
         assert!(pieces(100, 5, 0).is_empty());
+    }
+
+    #[test]
+    fn keep_alives_come_three_times_per_lease_at_most_every_interval() {
+        let longest = Duration::from_secs(10);
+        assert_eq!(keep_alive_interval(longest, 60_000), longest);
+        assert_eq!(
+            keep_alive_interval(longest, 10_000),
+            Duration::from_secs(10) / 3
+        );
+        assert_eq!(
+            keep_alive_interval(longest, 2_000),
+            Duration::from_secs(2) / 3
+        );
+        assert_eq!(keep_alive_interval(longest, 0), longest);
     }
 }

@@ -58,7 +58,7 @@ pub async fn heartbeats(api: MetaApi, node_id: u64, addr: String, interval: Dura
 }
 
 /// The leader's housekeeping every `interval`: chain tables and expired sessions.
-pub async fn run(api: MetaApi, interval: Duration, session_lease: Duration) {
+pub async fn run(api: MetaApi, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -81,7 +81,7 @@ pub async fn run(api: MetaApi, interval: Duration, session_lease: Duration) {
         if let Err(error) = copy_chain_tables(&api).await {
             tracing::debug!(%error, "copying chain tables failed");
         }
-        if let Err(error) = expire_sessions(&api, session_lease).await {
+        if let Err(error) = expire_sessions(&api).await {
             tracing::debug!(%error, "expiring sessions failed");
         }
     }
@@ -159,7 +159,8 @@ async fn copy_chain_tables(api: &MetaApi) -> Result<(), String> {
     Ok(())
 }
 
-async fn expire_sessions(api: &MetaApi, lease: Duration) -> Result<(), String> {
+async fn expire_sessions(api: &MetaApi) -> Result<(), String> {
+    let lease = api.session_lease;
     // A new leader has heard from no one yet: it judges nobody for a full lease.
     if api.live().leader_since.is_none_or(|t| t.elapsed() < lease) {
         return Ok(());

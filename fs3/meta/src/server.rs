@@ -88,7 +88,14 @@ impl Meta {
             MetaMachine,
             |node, registry, router| match MetaMetrics::register(registry) {
                 Ok(metrics) => {
-                    let api = MetaApi::new(node.clone(), auth, &token, chunks, metrics);
+                    let api = MetaApi::new(
+                        node.clone(),
+                        auth,
+                        &token,
+                        chunks,
+                        metrics,
+                        config.session_lease.get(),
+                    );
                     api_slot = Some(api.clone());
                     router.add_service(MetaServer::new(api))
                 }
@@ -117,7 +124,6 @@ impl Meta {
             tokio::spawn(crate::maintenance::run(
                 api.clone(),
                 config.maintenance_interval.get(),
-                config.session_lease.get(),
             )),
             tokio::spawn(crate::maintenance::collect(
                 api,

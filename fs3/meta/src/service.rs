@@ -65,6 +65,9 @@ pub struct MetaApi {
     pub(crate) live: Arc<Mutex<Liveness>>,
     pub(crate) chunks: Arc<ChunkClient>,
     metrics: MetaMetrics,
+    /// A client silent for this long loses its write sessions (told to clients in keep-alive
+    /// replies, so that they pace themselves by it).
+    pub(crate) session_lease: Duration,
 }
 
 /// The proposer's clock in ns since the epoch.
@@ -87,6 +90,7 @@ impl MetaApi {
         admin_token: &str,
         chunks: Arc<ChunkClient>,
         metrics: MetaMetrics,
+        session_lease: Duration,
     ) -> Self {
         MetaApi {
             node,
@@ -96,6 +100,7 @@ impl MetaApi {
             live: Arc::new(Mutex::new(Liveness::default())),
             chunks,
             metrics,
+            session_lease,
         }
     }
 
@@ -394,7 +399,9 @@ impl Meta for MetaApi {
             return Err(Status::invalid_argument("client id 0 is reserved"));
         }
         self.live().clients.insert(client, Instant::now());
-        Ok(Response::new(KeepAliveReply {}))
+        Ok(Response::new(KeepAliveReply {
+            session_lease_ms: u64::try_from(self.session_lease.as_millis()).unwrap_or(u64::MAX),
+        }))
     }
 
     async fn statfs(

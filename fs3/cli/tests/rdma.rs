@@ -13,8 +13,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{assert_replicas_identical, chains, chunk, cluster, content};
-use fs3_client::{ChunkClient, ChunkUpdate, RoutingCache};
+use common::{assert_replicas_identical, chains, cluster};
+use fs3_client::{ChunkClient, RoutingCache};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_moves_chunks_over_rdma() {
@@ -35,25 +35,7 @@ async fn a_chain_moves_chunks_over_rdma() {
 
     // Sizes from one byte (inline in a message) to 4 MiB (pulled and pushed one-sided).
     let sizes = [1usize, 4096, 20_000, 300_000, 1 << 20, 4 << 20];
-    let writes = (0..24u32).map(|index| {
-        let client = &client;
-        async move {
-            let data = content(3, index, 1, sizes[index as usize % sizes.len()]);
-            client
-                .write(chain, chunk(3, index), ChunkUpdate::replace(data))
-                .await
-                .unwrap()
-        }
-    });
-    futures::future::join_all(writes).await;
-    for index in 0..24u32 {
-        let expected = content(3, index, 1, sizes[index as usize % sizes.len()]);
-        let read = client
-            .read(chain, chunk(3, index), 0, 8 << 20)
-            .await
-            .unwrap();
-        assert!(read.data == expected, "chunk {index} came back different");
-    }
+    common::write_and_read_back(&client, chain, 3, 24, &sizes).await;
     assert!(
         net.rdma_connections().await > 0,
         "the client's calls did not go over RDMA"

@@ -22,27 +22,7 @@ async fn many_chunks_replicate_identically() {
 
     // 64 chunks of assorted sizes, written concurrently.
     let sizes = [1usize, 4096, 5000, 65536, 1 << 20, 300_000];
-    let writes = (0..64u32).map(|index| {
-        let client = &client;
-        async move {
-            let data = content(7, index, 1, sizes[index as usize % sizes.len()]);
-            client
-                .write(chain, chunk(7, index), ChunkUpdate::replace(data))
-                .await
-                .unwrap()
-        }
-    });
-    futures::future::join_all(writes).await;
-    for index in 0..64u32 {
-        let expected = content(7, index, 1, sizes[index as usize % sizes.len()]);
-        let read = client
-            .read(chain, chunk(7, index), 0, 2 << 20)
-            .await
-            .unwrap();
-        assert_eq!(read.data.len(), expected.len(), "chunk {index}");
-        assert!(read.data == expected, "chunk {index} content");
-        assert_eq!(read.version, 1);
-    }
+    common::write_and_read_back(&client, chain, 7, 64, &sizes).await;
 
     // A partial write in the middle of a chunk, and one extending it.
     let base = content(8, 0, 1, 100_000);
@@ -111,14 +91,7 @@ async fn many_chunks_replicate_identically() {
     cluster.stop_all().await;
     let cluster = common::start(cluster.spec().clone()).await;
     let client = cluster.chunk_client(Duration::from_secs(30)).unwrap();
-    for index in 1..64u32 {
-        let expected = content(7, index, 1, sizes[index as usize % sizes.len()]);
-        let read = client
-            .read(chain, chunk(7, index), 0, 2 << 20)
-            .await
-            .unwrap();
-        assert!(read.data == expected, "chunk {index} after a restart");
-    }
+    common::assert_read_back(&client, chain, 7, 1..64, &sizes).await;
     assert_replicas_identical(&client, &cluster, 3).await;
     let mut cluster = cluster;
     cluster.stop_all().await;

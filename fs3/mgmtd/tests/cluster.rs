@@ -191,8 +191,9 @@ async fn chains_follow_their_targets_through_failure_and_recovery() {
         |r| state_of(r, 201) == PublicState::Offline && state_of(r, 202) == PublicState::Offline,
     )
     .await;
+    // About one lease, not never: the margin is for a loaded machine's scheduling delays.
     assert!(
-        silent.elapsed() < LEASE + Duration::from_secs(2),
+        silent.elapsed() < LEASE + Duration::from_secs(4),
         "took {:?}",
         silent.elapsed()
     );

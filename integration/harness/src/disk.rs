@@ -28,11 +28,12 @@ pub fn require_free(path: &Path, needed: u64, what: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A temporary directory in memory (`/dev/shm`) where the machine has one, else under the
-/// usual temporary directory. Not for files opened with O_DIRECT: tmpfs refuses it.
-pub fn memory_scratch() -> anyhow::Result<tempfile::TempDir> {
+/// A temporary directory for `bytes` of scratch files: in memory (`/dev/shm`) where the
+/// machine has one with room for them, else under the usual temporary directory. Not for
+/// files opened with O_DIRECT: tmpfs refuses it.
+pub fn memory_scratch(bytes: u64) -> anyhow::Result<tempfile::TempDir> {
     let shm = Path::new("/dev/shm");
-    let dir = if shm.is_dir() {
+    let dir = if shm.is_dir() && free_bytes(shm).is_ok_and(|free| free >= bytes) {
         tempfile::tempdir_in(shm)
     } else {
         tempfile::tempdir()
@@ -59,7 +60,7 @@ mod tests {
 
     #[test]
     fn memory_scratch_is_writable_and_removed_when_dropped() {
-        let dir = memory_scratch().unwrap();
+        let dir = memory_scratch(1 << 20).unwrap();
         let path = dir.path().to_path_buf();
         std::fs::write(path.join("x"), b"x").unwrap();
         drop(dir);

@@ -96,8 +96,10 @@ async fn the_leader_dies_during_500_concurrent_submissions() {
         .await
         .unwrap();
     let failover = killed.elapsed();
+    // Elections time out in about a second; the bound is loose because a loaded CI machine
+    // stretches them (the benchmark, not this test, measures failover speed).
     assert!(
-        failover < Duration::from_secs(3),
+        failover < Duration::from_secs(6),
         "a new leader took {failover:?}"
     );
     while tasks.join_next().await.is_some() {}

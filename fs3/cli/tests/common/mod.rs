@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ff_harness::fs3::{Fs3Cluster, Fs3ClusterSpec, TABLE_ID};
-use fs3_client::ChunkClient;
+use fs3_client::{ChunkClient, ChunkUpdate};
 use fs3_proto::storage::ChunkId;
 
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -91,6 +91,48 @@ pub fn chunk(inode: u64, index: u32) -> ChunkId {
     ChunkId {
         inode,
         index: index.into(),
+    }
+}
+
+/// Writes chunks 0..`count` of file `inode` on `chain` at once (their sizes cycling through
+/// `sizes`, contents from [`content`], generation 1), then reads each back.
+pub async fn write_and_read_back(
+    client: &ChunkClient,
+    chain: u64,
+    inode: u64,
+    count: u32,
+    sizes: &[usize],
+) {
+    let writes = (0..count).map(|index| async move {
+        let data = content(inode, index, 1, sizes[index as usize % sizes.len()]);
+        client
+            .write(chain, chunk(inode, index), ChunkUpdate::replace(data))
+            .await
+            .unwrap()
+    });
+    futures::future::join_all(writes).await;
+    assert_read_back(client, chain, inode, 0..count, sizes).await;
+}
+
+/// Reads back whole the chunks `indices` of file `inode` that [`write_and_read_back`] wrote
+/// with these `sizes`, and checks length, contents and version.
+pub async fn assert_read_back(
+    client: &ChunkClient,
+    chain: u64,
+    inode: u64,
+    indices: std::ops::Range<u32>,
+    sizes: &[usize],
+) {
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    for index in indices {
+        let expected = content(inode, index, 1, sizes[index as usize % sizes.len()]);
+        let read = client
+            .read(chain, chunk(inode, index), 0, largest as u32 + 1)
+            .await
+            .unwrap();
+        assert_eq!(read.data.len(), expected.len(), "chunk {index}");
+        assert!(read.data == expected, "chunk {index} came back different");
+        assert_eq!(read.version, 1, "chunk {index}");
     }
 }
 

@@ -496,7 +496,8 @@ fn ranks_with_different_settings_are_refused_at_rendezvous() {
         "collectives",
         &[0, 1, 2],
         None,
-        3,
+        // Also the rendezvous deadline: generous, so that a late start is not what fails.
+        10,
         &[(Some(1), "HFREDUCE_CHUNK_BYTES", "65536")],
     );
     let outputs = finish(children);
@@ -542,10 +543,15 @@ fn gradient_buckets_are_averaged_in_order_whatever_order_tensors_come_in() {
 
 #[test]
 fn a_killed_rank_fails_every_other_rank_in_time() {
-    let timeout = 3;
+    let timeout = 5;
     let mut children = launch("killed", &[0, 0, 1], None, timeout);
-    // Wait until the last rank is in its allreduces, then kill it.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Wait until the last rank is past rendezvous and in its allreduces, then kill it (its
+    // "started" may share a line with libtest's "test rank_entry ... ").
+    let last = children[2].stdout.take().unwrap();
+    let in_allreduces = std::io::BufRead::lines(std::io::BufReader::new(last))
+        .map_while(Result::ok)
+        .any(|line| line.ends_with("started"));
+    assert!(in_allreduces, "the last rank never started its allreduces");
     children[2].kill().unwrap();
     let started = Instant::now();
     let outputs = finish(children);
@@ -577,8 +583,8 @@ fn a_mismatched_call_fails_every_rank() {
 
 #[test]
 fn a_missing_rank_is_named_at_rendezvous() {
-    // Three ranks expected, two started.
-    let outputs = finish(launch("collectives", &[0, 1, 2], Some(2), 2));
+    // Three ranks expected, two started (the deadline leaves the two time to find each other).
+    let outputs = finish(launch("collectives", &[0, 1, 2], Some(2), 5));
     for output in &outputs {
         let text = stdout(output);
         assert!(

@@ -41,30 +41,47 @@ tick_interval = "20ms"
     path
 }
 
+/// Runs a healthy `ff-kv serve` until it says it is serving (its databases opened and
+/// written; at most 60 s), then stops it; returns (exit code, stderr) like [`serve`].
+fn serve_until_serving(config: &Path) -> (Option<i32>, String) {
+    serve_until(config, Duration::from_secs(60), |stderr| {
+        stderr.contains("serving")
+    })
+}
+
 /// Runs `ff-kv serve` until it exits or `wait` passes; returns (exit code, stderr).
 fn serve(config: &Path, wait: Duration) -> (Option<i32>, String) {
+    serve_until(config, wait, |_| false)
+}
+
+/// Runs `ff-kv serve` until it exits, `done` says so of its stderr so far, or `wait` passes
+/// (then SIGTERM); returns (exit code, stderr).
+fn serve_until(
+    config: &Path,
+    wait: Duration,
+    done: impl Fn(&str) -> bool,
+) -> (Option<i32>, String) {
+    // Stderr goes to a file, so that it can be read while the daemon runs.
+    let log = config.with_extension("stderr");
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    let stderr = || std::fs::read_to_string(&log).unwrap_or_default();
     let deadline = std::time::Instant::now() + wait;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            let output = child.wait_with_output().unwrap();
-            return (
-                status.code(),
-                String::from_utf8_lossy(&output.stderr).into_owned(),
-            );
+            return (status.code(), stderr());
         }
-        if std::time::Instant::now() >= deadline {
+        if done(&stderr()) || std::time::Instant::now() >= deadline {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let output = child.wait_with_output().unwrap();
-            return (None, String::from_utf8_lossy(&output.stderr).into_owned());
+            child.wait().unwrap();
+            return (None, stderr());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -96,7 +113,7 @@ fn a_damaged_database_is_refused_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let config = single_node_config(dir.path());
         // A healthy node writes its files first.
-        let (code, stderr) = serve(&config, Duration::from_secs(2));
+        let (code, stderr) = serve_until_serving(&config);
         assert_eq!(code, None, "healthy node exited early:\n{stderr}");
         let path = dir.path().join("data").join(file);
         let bytes = std::fs::read(&path).unwrap();
@@ -121,7 +138,7 @@ fn a_damaged_database_is_refused_not_trusted() {
 fn a_data_directory_of_another_node_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = single_node_config(dir.path());
-    let (code, _) = serve(&config, Duration::from_secs(2));
+    let (code, _) = serve_until_serving(&config);
     assert_eq!(code, None);
     let text = std::fs::read_to_string(&config).unwrap();
     let other = text.replace("cluster = \"bad-input\"", "cluster = \"someone-else\"");

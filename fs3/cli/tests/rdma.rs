@@ -42,15 +42,32 @@ async fn a_chain_moves_chunks_over_rdma() {
     );
     assert_replicas_identical(&client, &cluster, 3).await;
     // The daemons forwarded to each other over RDMA too (their gauge, refreshed each heartbeat).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut forwarding = 0.0;
-    for addr in cluster.metrics_endpoints().values() {
-        let text = ff_metrics::http_get(addr, "/metrics").await.unwrap();
-        if text.contains("fs3_storage_peer_connections") {
-            forwarding +=
-                common::metric_value(&text, "fs3_storage_peer_connections{transport=\"rdma\"}");
-        }
-    }
-    assert!(forwarding > 0.0, "the CRAQ forwards did not go over RDMA");
+    let endpoints: Vec<String> = cluster.metrics_endpoints().values().cloned().collect();
+    ff_harness::wait_for(
+        "storage-to-storage connections over RDMA",
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        || async {
+            let mut forwarding = 0.0;
+            for addr in &endpoints {
+                let text = ff_metrics::http_get(addr, "/metrics")
+                    .await
+                    .map_err(|e| ff_harness::NotReady::Pending(e.to_string()))?;
+                if text.contains("fs3_storage_peer_connections") {
+                    forwarding += common::metric_value(
+                        &text,
+                        "fs3_storage_peer_connections{transport=\"rdma\"}",
+                    );
+                }
+            }
+            if forwarding > 0.0 {
+                Ok(())
+            } else {
+                Err("the CRAQ forwards did not go over RDMA".to_string().into())
+            }
+        },
+    )
+    .await
+    .unwrap();
     cluster.stop_all().await;
 }

@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// Kills `fs3 up` (and so its daemons, which exit with it) if the test ends early.
 struct KillOnDrop(std::process::Child);
@@ -32,10 +31,9 @@ fn up_runs_a_cluster_until_interrupted() {
         .unwrap();
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
     let mut up = KillOnDrop(up);
-    let started = Instant::now();
+    // `fs3 up` bounds each phase of its start itself, and exits if one overruns.
     let first = lines.next().unwrap().unwrap();
     assert_eq!(first, "fs3 is up: every chain serving.");
-    assert!(started.elapsed() < Duration::from_secs(60));
     let mgmtd = lines.next().unwrap().unwrap();
     assert_eq!(mgmtd.trim(), format!("mgmtd:   127.0.0.1:{port}"));
 

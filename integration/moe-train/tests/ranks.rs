@@ -133,7 +133,16 @@ fn two_ranks_learn_resume_skip_damage_and_suspend_together() {
 
     // SIGUSR1 to both: they agree on a step, rank 0 checkpoints it, both exit 0.
     let children = ranks(&data, &checkpoints, 100_000, &[]);
-    std::thread::sleep(Duration::from_secs(4));
+    // Training (with its signal handler) is under way once this run's first checkpoint is
+    // there; a fixed wait could signal ranks still starting, which SIGUSR1 would kill.
+    let started = std::time::Instant::now();
+    while !checkpoints.join("step-00000100").is_dir() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint at step 100 in 2 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     for child in &children {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),

@@ -29,13 +29,30 @@ async fn a_preempted_job_checkpoints_and_resumes_where_it_stopped() {
             "--grace",
             "10s",
             "--env",
-            "STEPS=25",
+            "STEPS=50",
             "--",
             &script,
         ],
     );
     wait_state(&cluster, low, "running", Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Its steps under way (it has said where it starts, and a step or two passed): only then
+    // is there a checkpoint past step 0 to resume from.
+    ff_harness::wait_for(
+        "the low job's steps to start",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let logs = ok(&cluster, None, &["logs", &low.to_string()]);
+            if logs.contains("starts at step") {
+                Ok(())
+            } else {
+                Err(format!("logs so far: {logs:?}").into())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let high = submit(
         &cluster,
         None,
@@ -89,7 +106,7 @@ async fn a_preempted_job_checkpoints_and_resumes_where_it_stopped() {
         saved > 0 && started == saved,
         "saved {saved}, resumed at {started}"
     );
-    assert!(second.contains("done at step 25"), "{second}");
+    assert!(second.contains("done at step 50"), "{second}");
 
     // A job that ignores SIGUSR1 is killed after its grace, then requeued.
     let stubborn = submit(

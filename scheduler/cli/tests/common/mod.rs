@@ -10,6 +10,16 @@ use ff_harness::hai::{HaiCluster, HaiClusterSpec};
 
 /// A cluster of `servers` replicas and `agents` agents with `gpus` each, in a fresh directory.
 pub async fn cluster(servers: u64, agents: usize, gpus: u32) -> (tempfile::TempDir, HaiCluster) {
+    cluster_with(servers, agents, gpus, |_| {}).await
+}
+
+/// [`cluster`], with `adjust` applied to its spec before it starts.
+pub async fn cluster_with(
+    servers: u64,
+    agents: usize,
+    gpus: u32,
+    adjust: impl FnOnce(&mut HaiClusterSpec),
+) -> (tempfile::TempDir, HaiCluster) {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = HaiClusterSpec::new(
         env!("CARGO_BIN_EXE_hai"),
@@ -20,6 +30,7 @@ pub async fn cluster(servers: u64, agents: usize, gpus: u32) -> (tempfile::TempD
         0,
     );
     spec.base_port = ff_harness::free_port_block(spec.port_count()).unwrap();
+    adjust(&mut spec);
     let cluster = HaiCluster::start(spec, Duration::from_secs(30))
         .await
         .unwrap();

@@ -35,6 +35,10 @@ pub struct SubmitArgs {
     /// Time between the suspend/cancel signal and SIGKILL (e.g. 30s).
     #[arg(long)]
     grace: Option<ff_config::Duration>,
+    /// Longest one attempt may run (e.g. 2h); past it the job is stopped and fails. Default:
+    /// no limit.
+    #[arg(long)]
+    time_limit: Option<ff_config::Duration>,
     /// The job's checkpoint directory (HAI_CHECKPOINT_DIR).
     #[arg(long)]
     checkpoint_dir: Option<String>,
@@ -68,6 +72,7 @@ struct JobFile {
     memory_mb_per_node: Option<u64>,
     priority: Option<i32>,
     grace: Option<ff_config::Duration>,
+    time_limit: Option<ff_config::Duration>,
     checkpoint_dir: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -154,6 +159,10 @@ impl SubmitArgs {
                 .grace
                 .or(file.grace)
                 .map_or(DEFAULT_GRACE_MS, |g| g.get().as_millis() as u64),
+            time_limit_ms: self
+                .time_limit
+                .or(file.time_limit)
+                .map_or(0, |limit| limit.get().as_millis() as u64),
             checkpoint_dir: self
                 .checkpoint_dir
                 .or(file.checkpoint_dir)
@@ -201,6 +210,8 @@ mod tests {
             "-5",
             "--grace",
             "5s",
+            "--time-limit",
+            "1h 30m",
             "--env",
             "A=1",
             "--",
@@ -212,6 +223,16 @@ mod tests {
         assert_eq!(spec.nodes, 2);
         assert_eq!(spec.priority, -5);
         assert_eq!(spec.grace_ms, 5000);
+        assert_eq!(spec.time_limit_ms, 90 * 60 * 1000);
+        assert_eq!(spec_of(&["--", "x"]).unwrap().time_limit_ms, 0, "no limit");
+        let limit = spec_of(&["--time-limit", "soon", "--", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(limit.contains("--time-limit"), "{limit}");
+        let long = spec_of(&["--time-limit", "400days", "--", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(long.contains("time_limit"), "{long}");
         assert_eq!(spec.command, ["train", "--lr", "3"]);
         assert_eq!(spec.env[0].name, "A");
         let zero = spec_of(&["--nodes", "0", "--", "x"])
@@ -229,11 +250,12 @@ mod tests {
         let good = dir.path().join("good.toml");
         std::fs::write(
             &good,
-            "name = \"t\"\ncommand = [\"sleep\", \"1\"]\nnodes = 2\ngrace = \"10s\"\n[env]\nX = \"y\"\n",
+            "name = \"t\"\ncommand = [\"sleep\", \"1\"]\nnodes = 2\ngrace = \"10s\"\ntime_limit = \"2h\"\n[env]\nX = \"y\"\n",
         )
         .unwrap();
         let spec = spec_of(&[good.to_str().unwrap()]).unwrap();
         assert_eq!((spec.nodes, spec.grace_ms), (2, 10_000));
+        assert_eq!(spec.time_limit_ms, 2 * 3600 * 1000);
         let unknown = dir.path().join("unknown.toml");
         std::fs::write(&unknown, "command = [\"x\"]\nnode = 2\n").unwrap();
         let error = format!("{:#}", spec_of(&[unknown.to_str().unwrap()]).unwrap_err());

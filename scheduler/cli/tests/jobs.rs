@@ -1,6 +1,7 @@
 //! hai as a user meets it, on 3 servers and 2 agents (real processes on loopback): jobs run to
 //! completion as gangs with the scheduler's environment, wait with a reason when they cannot
-//! run, fail with their exit code, are cancelled; another user's cancel is refused; drained
+//! run, fail with their exit code, are cancelled or stopped at their time limit; another user's
+//! cancel is refused; drained
 //! nodes take nothing; malformed input gets a clear error.
 
 #![allow(clippy::unwrap_used)]
@@ -13,7 +14,7 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
-    let (dir, mut cluster) = cluster(3, 2, 2).await;
+    let (dir, mut cluster) = cluster_with(3, 2, 2, |spec| spec.metrics = true).await;
 
     // A 2-node gang: every rank runs with the scheduler's environment; logs per rank.
     let gang = submit(
@@ -80,6 +81,51 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
     wait_state(&cluster, sleeper, "cancelled", Duration::from_secs(10)).await;
     let again = refused(&cluster, None, &["cancel", &sleeper.to_string()]);
     assert!(again.contains("has ended"), "{again}");
+
+    // A job that outlives its time limit is stopped and fails, restart policy or not; one
+    // that ends within its limit completes.
+    let overrun = submit(
+        &cluster,
+        None,
+        &[
+            "--time-limit",
+            "2s",
+            "--grace",
+            "1s",
+            "--restart",
+            "on-failure",
+            "--",
+            "sleep",
+            "300",
+        ],
+    );
+    let timed_out = wait_state(&cluster, overrun, "failed", Duration::from_secs(30)).await;
+    assert!(
+        timed_out["reason"]
+            .as_str()
+            .unwrap()
+            .contains("time limit of 2s reached"),
+        "{timed_out}"
+    );
+    assert_eq!(timed_out["attempt"], 0, "not requeued: {timed_out}");
+    assert_eq!(timed_out["time_limit_ms"], 2000, "{timed_out}");
+    let within = submit(&cluster, None, &["--time-limit", "1m", "--", "true"]);
+    wait_state(&cluster, within, "completed", Duration::from_secs(30)).await;
+    // Counted by the leader that stopped it (summed over replicas: leadership may move).
+    let mut stops = 0;
+    for process in cluster.processes() {
+        if process.role == "hai-server" {
+            let text = ff_metrics::http_get(&process.metrics, "/metrics")
+                .await
+                .unwrap();
+            stops += text
+                .lines()
+                .find_map(|l| l.strip_prefix("hai_time_limit_stops_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no hai_time_limit_stops_total:\n{text}"));
+        }
+    }
+    assert_eq!(stops, 1);
 
     // Users: another user's job may not be cancelled by them; the owner or an admin may.
     let alice = ok(&cluster, None, &["admin", "user", "add", "alice"]);

@@ -1,5 +1,6 @@
 //! Prometheus series of a hai server replica (besides ff-raft's own): API requests, jobs by
-//! state and nodes by state (as the leader sees them), preemptions, and how long jobs waited
+//! state and nodes by state (as the leader sees them), preemptions, time-limit stops, and how
+//! long jobs waited
 //! before they started.
 
 use ff_metrics::RequestMetrics;
@@ -19,6 +20,8 @@ pub struct HaiMetrics {
     nodes: IntGaugeVec,
     /// Running jobs suspended to make room for higher-priority ones.
     pub preemptions: IntCounter,
+    /// Running attempts stopped for outliving their time limit.
+    pub time_limit_stops: IntCounter,
     /// Seconds from submission (or requeue) to start.
     pub queue_wait: Histogram,
 }
@@ -67,6 +70,10 @@ impl HaiMetrics {
             "hai_preemptions_total",
             "Running jobs suspended to make room for higher-priority ones",
         )?;
+        let time_limit_stops = IntCounter::new(
+            "hai_time_limit_stops_total",
+            "Running attempts stopped (and failed) for outliving their job's time limit",
+        )?;
         let queue_wait = Histogram::with_opts(
             HistogramOpts::new(
                 "hai_queue_wait_seconds",
@@ -86,12 +93,14 @@ impl HaiMetrics {
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(nodes.clone()))?;
         registry.register(Box::new(preemptions.clone()))?;
+        registry.register(Box::new(time_limit_stops.clone()))?;
         registry.register(Box::new(queue_wait.clone()))?;
         Ok(HaiMetrics {
             requests,
             jobs,
             nodes,
             preemptions,
+            time_limit_stops,
             queue_wait,
         })
     }

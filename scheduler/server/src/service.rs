@@ -30,7 +30,9 @@ use tonic::{Code, Request, Response, Status};
 use crate::machine::HaiMachine;
 use crate::metrics::HaiMetrics;
 use crate::plan::plan;
-use crate::state::{self, Demand, held_nodes, is_waiting, ranks_per_node, validate_spec};
+use crate::state::{
+    self, Demand, held_nodes, is_waiting, past_time_limit, ranks_per_node, validate_spec,
+};
 
 /// How long a token's identity is cached.
 const IDENTITY_TTL: Duration = Duration::from_secs(10);
@@ -325,8 +327,9 @@ impl HaiApi {
         Assignments { assignments: out }
     }
 
-    /// One round of the leader's duties: nodes whose agents went silent are marked down, then
-    /// the plan is carried out. Does nothing on a follower.
+    /// One round of the leader's duties: nodes whose agents went silent are marked down,
+    /// attempts past their job's time limit are stopped (to fail), then the plan is carried
+    /// out. Does nothing on a follower.
     pub async fn schedule_once(&self) -> Result<(), Status> {
         let status = self.inner.node.status();
         if status.role != Role::Leader {
@@ -354,6 +357,26 @@ impl HaiApi {
                 }))
                 .await?;
                 return Ok(()); // Plan again from the new state.
+            }
+        }
+        let now = now_ms();
+        for (job, reason) in view
+            .jobs
+            .iter()
+            .filter_map(|j| Some((j.id, past_time_limit(j, now)?)))
+        {
+            tracing::info!(job, %reason, "stopping");
+            let stop = command::Op::Stop(StopOp {
+                job_id: job,
+                kind: StopKind::StopTimeLimit as i32,
+                reason,
+            });
+            match self.propose(stop).await {
+                Ok(_) => self.inner.metrics.time_limit_stops.inc(),
+                Err(error) if error.code() == Code::FailedPrecondition => {
+                    tracing::debug!(%error, "the job stopped meanwhile");
+                }
+                Err(error) => return Err(error),
             }
         }
         let plan = plan(&view.nodes, &view.jobs, &users);

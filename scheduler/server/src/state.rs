@@ -32,6 +32,8 @@ pub mod limits {
     pub const MAX_RANKS_PER_NODE: u32 = 1024;
     /// Longest grace period (a day).
     pub const MAX_GRACE_MS: u64 = 24 * 3600 * 1000;
+    /// Longest time limit: a year.
+    pub const MAX_TIME_LIMIT_MS: u64 = 365 * 24 * 3600 * 1000;
     /// Priorities run from -1000 to 1000.
     pub const MAX_PRIORITY: i32 = 1000;
     /// Longest name, argument, variable and path.
@@ -253,6 +255,12 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), String> {
     if spec.grace_ms > MAX_GRACE_MS {
         return Err(format!("grace: {} ms is more than a day", spec.grace_ms));
     }
+    if spec.time_limit_ms > MAX_TIME_LIMIT_MS {
+        return Err(format!(
+            "time_limit: {} ms is more than a year",
+            spec.time_limit_ms
+        ));
+    }
     if spec.max_restarts > MAX_RESTARTS {
         return Err(format!(
             "max_restarts: {} must be at most {MAX_RESTARTS}",
@@ -289,6 +297,19 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), String> {
         return Err(format!("name: {:?} must not contain spaces", spec.name));
     }
     Ok(())
+}
+
+/// Why a running `job` must stop at `now` (ms): its attempt has run longer than its spec's
+/// time limit. `None` when it has no limit, is not running, or is within it.
+pub fn past_time_limit(job: &Job, now: i64) -> Option<String> {
+    let limit = job.spec.as_ref()?.time_limit_ms;
+    let ran = now.saturating_sub(job.attempt_started_ms);
+    (limit > 0 && job.state() == JobState::Running && ran > i64::try_from(limit).ok()?).then(|| {
+        format!(
+            "time limit of {} reached",
+            ff_config::Duration(std::time::Duration::from_millis(limit))
+        )
+    })
 }
 
 /// Reads the next job id.
@@ -702,6 +723,15 @@ pub fn stop(table: &mut HaiTable<'_>, now: i64, op: StopOp) -> Result<(), Refusa
                 format!("job {} is {}, not running", job.id, state_name(state)),
             ));
         }
+        (StopKind::StopTimeLimit, JobState::Running) => {
+            begin_failing(&mut job, now, false, op.reason);
+        }
+        (StopKind::StopTimeLimit, _) => {
+            return Err(refuse(
+                code::FAILED_PRECONDITION,
+                format!("job {} is {}, not running", job.id, state_name(state)),
+            ));
+        }
         (StopKind::StopCancel, JobState::Pending | JobState::Suspended) => {
             job.state = JobState::Cancelled as i32;
             job.ended_ms = now;
@@ -813,5 +843,37 @@ pub fn state_name(state: JobState) -> &'static str {
         JobState::Completed => "completed",
         JobState::Failed => "failed",
         JobState::Cancelled => "cancelled",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(limit_ms: u64, started: i64) -> Job {
+        Job {
+            state: JobState::Running as i32,
+            attempt_started_ms: started,
+            spec: Some(JobSpec {
+                time_limit_ms: limit_ms,
+                ..JobSpec::default()
+            }),
+            ..Job::default()
+        }
+    }
+
+    #[test]
+    fn only_running_attempts_past_their_limit_are_stopped() {
+        let job = running(90_000, 1_000);
+        assert_eq!(past_time_limit(&job, 91_000), None, "exactly at the limit");
+        assert_eq!(
+            past_time_limit(&job, 91_001).as_deref(),
+            Some("time limit of 1m 30s reached")
+        );
+        assert_eq!(past_time_limit(&running(0, 0), i64::MAX), None, "no limit");
+        let mut suspending = running(10, 0);
+        suspending.state = JobState::Suspending as i32;
+        assert_eq!(past_time_limit(&suspending, 1_000), None);
+        assert_eq!(past_time_limit(&Job::default(), 1_000), None, "no spec");
     }
 }

@@ -39,6 +39,10 @@ pub struct SubmitArgs {
     /// no limit.
     #[arg(long)]
     time_limit: Option<ff_config::Duration>,
+    /// Run only after these jobs complete (comma separated or repeated); cancelled if one of
+    /// them fails or is cancelled.
+    #[arg(long, value_name = "JOB", value_delimiter = ',')]
+    after: Vec<u64>,
     /// The job's checkpoint directory (HAI_CHECKPOINT_DIR).
     #[arg(long)]
     checkpoint_dir: Option<String>,
@@ -73,6 +77,8 @@ struct JobFile {
     priority: Option<i32>,
     grace: Option<ff_config::Duration>,
     time_limit: Option<ff_config::Duration>,
+    #[serde(default)]
+    after: Vec<u64>,
     checkpoint_dir: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -163,6 +169,11 @@ impl SubmitArgs {
                 .time_limit
                 .or(file.time_limit)
                 .map_or(0, |limit| limit.get().as_millis() as u64),
+            after: if self.after.is_empty() {
+                file.after
+            } else {
+                self.after
+            },
             checkpoint_dir: self
                 .checkpoint_dir
                 .or(file.checkpoint_dir)
@@ -225,6 +236,9 @@ mod tests {
         assert_eq!(spec.grace_ms, 5000);
         assert_eq!(spec.time_limit_ms, 90 * 60 * 1000);
         assert_eq!(spec_of(&["--", "x"]).unwrap().time_limit_ms, 0, "no limit");
+        let after = spec_of(&["--after", "3,4", "--after", "9", "--", "x"]).unwrap();
+        assert_eq!(after.after, [3, 4, 9]);
+        assert!(spec_of(&["--after", "three", "--", "x"]).is_err());
         let limit = spec_of(&["--time-limit", "soon", "--", "x"])
             .unwrap_err()
             .to_string();
@@ -250,12 +264,13 @@ mod tests {
         let good = dir.path().join("good.toml");
         std::fs::write(
             &good,
-            "name = \"t\"\ncommand = [\"sleep\", \"1\"]\nnodes = 2\ngrace = \"10s\"\ntime_limit = \"2h\"\n[env]\nX = \"y\"\n",
+            "name = \"t\"\ncommand = [\"sleep\", \"1\"]\nnodes = 2\ngrace = \"10s\"\ntime_limit = \"2h\"\nafter = [7]\n[env]\nX = \"y\"\n",
         )
         .unwrap();
         let spec = spec_of(&[good.to_str().unwrap()]).unwrap();
         assert_eq!((spec.nodes, spec.grace_ms), (2, 10_000));
         assert_eq!(spec.time_limit_ms, 2 * 3600 * 1000);
+        assert_eq!(spec.after, [7]);
         let unknown = dir.path().join("unknown.toml");
         std::fs::write(&unknown, "command = [\"x\"]\nnode = 2\n").unwrap();
         let error = format!("{:#}", spec_of(&[unknown.to_str().unwrap()]).unwrap_err());

@@ -36,7 +36,7 @@ enum Cmd {
     /// Run a node agent (one per node).
     Agent(DaemonArgs),
     /// Queue a job: `hai submit [OPTIONS] -- COMMAND ARGS...` or `hai submit job.toml`.
-    Submit(jobfile::SubmitArgs),
+    Submit(Box<jobfile::SubmitArgs>),
     /// List jobs (squeue-like).
     Jobs {
         /// Ended jobs too.

@@ -112,6 +112,7 @@ fn job_json(job: &Job) -> serde_json::Value {
         "gpus_per_node": spec.gpus_per_node,
         "grace_ms": spec.grace_ms,
         "time_limit_ms": spec.time_limit_ms,
+        "after": spec.after,
         "checkpoint_dir": spec.checkpoint_dir,
         "submitted_ms": job.submitted_ms,
         "started_ms": job.started_ms,

@@ -1,7 +1,7 @@
 //! hai as a user meets it, on 3 servers and 2 agents (real processes on loopback): jobs run to
 //! completion as gangs with the scheduler's environment, wait with a reason when they cannot
-//! run, fail with their exit code, are cancelled or stopped at their time limit; another user's
-//! cancel is refused; drained
+//! run, fail with their exit code, are cancelled or stopped at their time limit, run after
+//! other jobs (or are cancelled when those fail); another user's cancel is refused; drained
 //! nodes take nothing; malformed input gets a clear error.
 
 #![allow(clippy::unwrap_used)]
@@ -126,6 +126,68 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
         }
     }
     assert_eq!(stops, 1);
+
+    // Jobs after others: one waits, saying for what, until the job before it completes; the
+    // jobs after one that fails are cancelled, in a chain; an unknown or failed job to run
+    // after is refused at submission.
+    let first = submit(&cluster, None, &["--", "sleep", "2"]);
+    let second = submit(
+        &cluster,
+        None,
+        &["--after", &first.to_string(), "--", "true"],
+    );
+    let expected = format!("waiting for job(s) {first} to complete");
+    wait_job(
+        &cluster,
+        second,
+        Duration::from_secs(10),
+        "explained",
+        |j| j["reason"] == expected.as_str(),
+    )
+    .await;
+    let first_done = wait_state(&cluster, first, "completed", Duration::from_secs(30)).await;
+    let second_done = wait_state(&cluster, second, "completed", Duration::from_secs(30)).await;
+    assert!(
+        second_done["started_ms"].as_i64() >= first_done["ended_ms"].as_i64(),
+        "{first_done}\n{second_done}"
+    );
+    let doomed = submit(
+        &cluster,
+        None,
+        &["--restart", "never", "--", "sh", "-c", "sleep 1; exit 3"],
+    );
+    let next = submit(
+        &cluster,
+        None,
+        &["--after", &doomed.to_string(), "--", "true"],
+    );
+    let last = submit(
+        &cluster,
+        None,
+        &["--after", &next.to_string(), "--", "true"],
+    );
+    wait_state(&cluster, doomed, "failed", Duration::from_secs(30)).await;
+    for (job, before, how) in [(next, doomed, "failed"), (last, next, "cancelled")] {
+        let cancelled = wait_state(&cluster, job, "cancelled", Duration::from_secs(10)).await;
+        assert_eq!(
+            cancelled["reason"],
+            format!("job {before}, which it runs after, {how}").as_str(),
+            "{cancelled}"
+        );
+        assert!(cancelled["started_ms"] == 0, "never ran: {cancelled}");
+    }
+    let unknown = refused(
+        &cluster,
+        None,
+        &["submit", "--after", "99999", "--", "true"],
+    );
+    assert!(unknown.contains("there is no job 99999"), "{unknown}");
+    let hopeless = refused(
+        &cluster,
+        None,
+        &["submit", "--after", &doomed.to_string(), "--", "true"],
+    );
+    assert!(hopeless.contains("could never run"), "{hopeless}");
 
     // Users: another user's job may not be cancelled by them; the owner or an admin may.
     let alice = ok(&cluster, None, &["admin", "user", "add", "alice"]);

@@ -17,7 +17,9 @@
 //!   job not needed. A job never preempts one of its own priority, so never one of the same
 //!   user at the same priority.
 //! - Jobs larger than the cluster, or over their user's quota, wait with that reason and do
-//!   not block others.
+//!   not block others; so do jobs that run after others (`after`) not completed yet. A job
+//!   after one that is no longer in the plan's view has its dependency completed: the state
+//!   cancels the jobs after one that fails or is cancelled in the same step.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -145,8 +147,22 @@ pub fn plan(nodes: &[Node], jobs: &[Job], users: &[User]) -> Plan {
     let mut out = Plan::default();
     let mut reserved: BTreeSet<String> = BTreeSet::new();
     let mut head: Option<u64> = None;
+    let not_ended: BTreeSet<u64> = jobs.iter().map(|j| j.id).collect();
     for job in waiting {
         let spec = job.spec.clone().unwrap_or_default();
+        let before: Vec<String> = spec
+            .after
+            .iter()
+            .filter(|id| not_ended.contains(id))
+            .map(u64::to_string)
+            .collect();
+        if !before.is_empty() {
+            out.reasons.push((
+                job.id,
+                format!("waiting for job(s) {} to complete", before.join(", ")),
+            ));
+            continue;
+        }
         let want = Demand::of(&spec);
         let needed = spec.nodes as usize;
         let capable = capacity.capable(&want);
@@ -459,6 +475,27 @@ mod tests {
             [0, 2]
         );
         assert_eq!(placement.master_port, 30000);
+    }
+
+    #[test]
+    fn a_job_after_others_waits_for_them_without_blocking_or_reserving() {
+        let nodes = [node("a", 4), node("b", 4)];
+        let first = running(job(1, "u", 1, 4, 0), &["a"], 100);
+        let mut after = job(2, "u", 1, 4, 9);
+        after.spec.as_mut().unwrap().after = vec![1, 7];
+        let other = job(3, "u", 1, 4, 0);
+        let waiting = plan(&nodes, &[first, after.clone(), other], &[]);
+        assert_eq!(
+            reason(&waiting, 2),
+            "waiting for job(s) 1 to complete",
+            "{waiting:?}"
+        );
+        // The high-priority job that waits neither preempts nor holds the free node.
+        assert!(waiting.preempt.is_empty(), "{waiting:?}");
+        assert_eq!(placed_on(&waiting, 3), ["b"], "{waiting:?}");
+        // Job 1 gone from the jobs not ended (completed; 7 long since): job 2 starts.
+        let ready = plan(&nodes, &[after], &[]);
+        assert_eq!(placed_on(&ready, 2).len(), 1, "{ready:?}");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub mod limits {
     pub const MAX_TEXT: usize = 4096;
     /// Most arguments and environment variables.
     pub const MAX_ITEMS: usize = 1024;
+    /// Most jobs one job may wait for.
+    pub const MAX_AFTER: usize = 64;
     /// Most restarts after failures.
     pub const MAX_RESTARTS: u32 = 1000;
 }
@@ -137,11 +139,42 @@ pub fn job(
     }
 }
 
+fn job_state(table: &HaiTable<'_>, id: u64) -> Result<Option<JobState>, Refusal> {
+    Ok(job(table, id)?.map(|j| j.state()))
+}
+
 fn need_job(table: &HaiTable<'_>, id: u64) -> Result<Job, Refusal> {
     job(table, id)?.ok_or_else(|| refuse(code::NOT_FOUND, format!("no job {id}")))
 }
 
+/// Writes `job`; when it has ended without completing, also cancels every waiting job that
+/// was to run after it (and theirs, in turn), so that a waiting job's dependencies are only
+/// ever waiting, running or completed.
 fn put_job(table: &mut HaiTable<'_>, job: &Job) -> Result<(), Refusal> {
+    write_job(table, job)?;
+    let mut ended: Vec<(u64, JobState)> = Vec::new();
+    if matches!(job.state(), JobState::Failed | JobState::Cancelled) {
+        ended.push((job.id, job.state()));
+    }
+    while let Some((id, state)) = ended.pop() {
+        for mut dependent in jobs(table, false)? {
+            let waits_for_it = dependent
+                .spec
+                .as_ref()
+                .is_some_and(|s| s.after.contains(&id));
+            if waits_for_it && is_waiting(dependent.state()) {
+                dependent.state = JobState::Cancelled as i32;
+                dependent.ended_ms = job.ended_ms;
+                dependent.reason = format!("job {id}, which it runs after, {}", state_name(state));
+                write_job(table, &dependent)?;
+                ended.push((dependent.id, JobState::Cancelled));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_job(table: &mut HaiTable<'_>, job: &Job) -> Result<(), Refusal> {
     table.insert(
         key(JOB_PREFIX, &job.id.to_be_bytes()).as_slice(),
         job.encode_to_vec().as_slice(),
@@ -267,6 +300,12 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), String> {
             spec.max_restarts
         ));
     }
+    if spec.after.len() > MAX_AFTER {
+        return Err(format!(
+            "after: {} jobs; a job may wait for at most {MAX_AFTER}",
+            spec.after.len()
+        ));
+    }
     if spec.command.len() > MAX_ITEMS || spec.env.len() > MAX_ITEMS {
         return Err(format!(
             "command and env may have at most {MAX_ITEMS} items each"
@@ -340,6 +379,23 @@ pub fn submit(
     validate_spec(&spec).map_err(|m| refuse(code::INVALID_ARGUMENT, m))?;
     if request_id.len() > 128 {
         return Err(refuse(code::INVALID_ARGUMENT, "request id over 128 bytes"));
+    }
+    for dependency in &spec.after {
+        let Some(before) = job(table, *dependency)? else {
+            return Err(refuse(
+                code::INVALID_ARGUMENT,
+                format!("after: there is no job {dependency}"),
+            ));
+        };
+        if matches!(before.state(), JobState::Failed | JobState::Cancelled) {
+            return Err(refuse(
+                code::FAILED_PRECONDITION,
+                format!(
+                    "after: job {dependency} {}, so a job after it could never run",
+                    state_name(before.state())
+                ),
+            ));
+        }
     }
     let id = next_job_id(table)?;
     let job = Job {
@@ -511,6 +567,15 @@ pub fn place(table: &mut HaiTable<'_>, now: i64, op: PlaceOp) -> Result<(), Refu
         .placement
         .ok_or_else(|| refuse(code::INVALID_ARGUMENT, "no placement"))?;
     let spec = job.spec.clone().unwrap_or_default();
+    for dependency in &spec.after {
+        let done = job_state(table, *dependency)? == Some(JobState::Completed);
+        if !done {
+            return Err(refuse(
+                code::FAILED_PRECONDITION,
+                format!("job {} runs after job {dependency}, not completed", job.id),
+            ));
+        }
+    }
     if placement.nodes.len() != spec.nodes as usize {
         return Err(refuse(
             code::INVALID_ARGUMENT,

@@ -52,8 +52,7 @@ impl StateMachine for HaiMachine {
     type QueryResponse = QueryResult;
 
     fn init(&self, txn: &WriteTransaction) -> Result<(), StateMachineError> {
-        txn.open_table(HAI)?;
-        Ok(())
+        state::ensure_active_index(&mut txn.open_table(HAI)?)
     }
 
     fn apply(
@@ -132,6 +131,6 @@ impl StateMachine for HaiMachine {
         while let Some((key, value)) = read_record(input, MAX_RECORD, MAX_RECORD)? {
             table.insert(key.as_slice(), value.as_slice())?;
         }
-        Ok(())
+        state::ensure_active_index(&mut table)
     }
 }

@@ -22,6 +22,11 @@ const JOB_PREFIX: &[u8] = b"JOB_";
 const NODE_PREFIX: &[u8] = b"NODE";
 const USER_PREFIX: &[u8] = b"USER";
 const REQUEST_PREFIX: &[u8] = b"REQ_";
+/// One empty record per job not ended (`ACTV` + id), so that the scheduler's view and the
+/// agents' assignments cost the live jobs, not the whole history.
+const ACTIVE_PREFIX: &[u8] = b"ACTV";
+/// Present once the `ACTV` index is complete (states written before it are indexed at open).
+const ACTIVE_INDEXED: &[u8] = b"AIDX";
 const NEXT_JOB: &[u8] = b"NEXT";
 
 /// Limits on what a job may ask for.
@@ -106,11 +111,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 fn decode<M: prost::Message + Default>(bytes: &[u8], what: &str) -> Result<M, Refusal> {
-    M::decode(bytes).map_err(|e| {
-        Refusal::Storage(StateMachineError::Corrupt(format!(
-            "{what} does not decode: {e}"
-        )))
-    })
+    M::decode(bytes).map_err(|e| corrupt(format!("{what} does not decode: {e}")))
 }
 
 /// Every record under `prefix`, decoded.
@@ -179,19 +180,62 @@ fn write_job(table: &mut HaiTable<'_>, job: &Job) -> Result<(), Refusal> {
         key(JOB_PREFIX, &job.id.to_be_bytes()).as_slice(),
         job.encode_to_vec().as_slice(),
     )?;
+    index_job(table, job.id, job.state())
+}
+
+fn index_job(table: &mut HaiTable<'_>, id: u64, state: JobState) -> Result<(), Refusal> {
+    let active = key(ACTIVE_PREFIX, &id.to_be_bytes());
+    if is_ended(state) {
+        table.remove(active.as_slice())?;
+    } else {
+        table.insert(active.as_slice(), [].as_slice())?;
+    }
     Ok(())
 }
 
-/// Every job, in id order; ended ones only with `all`.
+/// Builds the index of jobs not ended if this state predates it (at open, and after a
+/// snapshot from such a state is restored); a state that has it is left alone.
+pub fn ensure_active_index(table: &mut HaiTable<'_>) -> Result<(), StateMachineError> {
+    let mut build = || -> Result<(), Refusal> {
+        if table.get(ACTIVE_INDEXED)?.is_some() {
+            return Ok(());
+        }
+        for job in jobs(table, true)? {
+            index_job(table, job.id, job.state())?;
+        }
+        table.insert(ACTIVE_INDEXED, [].as_slice())?;
+        Ok(())
+    };
+    build().map_err(|refusal| match refusal {
+        Refusal::Storage(error) => error,
+        Refusal::Refused { message, .. } => StateMachineError::Corrupt(message),
+    })
+}
+
+/// Every job, in id order; ended ones only with `all` (without, only the index of jobs not
+/// ended is walked).
 pub fn jobs(
     table: &impl ReadableTable<&'static [u8], &'static [u8]>,
     all: bool,
 ) -> Result<Vec<Job>, Refusal> {
-    let mut jobs: Vec<Job> = scan(table, JOB_PREFIX, "a job record")?;
-    if !all {
-        jobs.retain(|job| !is_ended(job.state()));
+    if all {
+        return scan(table, JOB_PREFIX, "a job record");
     }
-    Ok(jobs)
+    let end = prefix_end(ACTIVE_PREFIX);
+    let mut out = Vec::new();
+    for item in table.range::<&[u8]>(ACTIVE_PREFIX..end.as_slice())? {
+        let (active, _) = item?;
+        let id = active.value()[ACTIVE_PREFIX.len()..]
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| corrupt("an ACTV index key is not a job id"))?;
+        out.push(job(table, id)?.ok_or_else(|| corrupt(format!("indexed job {id} is missing")))?);
+    }
+    Ok(out)
+}
+
+fn corrupt(message: impl Into<String>) -> Refusal {
+    Refusal::Storage(StateMachineError::Corrupt(message.into()))
 }
 
 /// Every node, by name.
@@ -925,6 +969,85 @@ mod tests {
             }),
             ..Job::default()
         }
+    }
+
+    /// Runs `f` on the hai table of a fresh in-memory database.
+    fn with_table(f: impl FnOnce(&mut HaiTable<'_>)) {
+        let db = ff_raft::redb::Database::builder()
+            .create_with_backend(ff_raft::redb::backends::InMemoryBackend::new())
+            .unwrap();
+        let txn = db.begin_write().unwrap();
+        f(&mut txn.open_table(HAI).unwrap());
+        txn.commit().unwrap();
+    }
+
+    fn submit_after(table: &mut HaiTable<'_>, after: &[u64]) -> Result<u64, Refusal> {
+        let spec = JobSpec {
+            command: vec!["true".to_string()],
+            nodes: 1,
+            after: after.to_vec(),
+            ..JobSpec::default()
+        };
+        submit(table, 0, spec, "u".to_string(), "")
+    }
+
+    fn cancel(table: &mut HaiTable<'_>, id: u64) {
+        let op = StopOp {
+            job_id: id,
+            kind: StopKind::StopCancel as i32,
+            reason: "cancelled by u".to_string(),
+        };
+        stop(table, 5, op).unwrap();
+    }
+
+    fn not_ended(table: &HaiTable<'_>) -> Vec<u64> {
+        jobs(table, false).unwrap().iter().map(|j| j.id).collect()
+    }
+
+    #[test]
+    fn the_index_holds_the_jobs_not_ended_and_is_built_for_older_states() {
+        with_table(|table| {
+            ensure_active_index(table).unwrap();
+            let ids: Vec<u64> = (0..3).map(|_| submit_after(table, &[]).unwrap()).collect();
+            cancel(table, ids[1]);
+            assert_eq!(not_ended(table), [ids[0], ids[2]]);
+            assert_eq!(jobs(table, true).unwrap().len(), 3);
+            // A state written before the index: built when it is opened.
+            for id in &ids {
+                table
+                    .remove(key(ACTIVE_PREFIX, &id.to_be_bytes()).as_slice())
+                    .unwrap();
+            }
+            table.remove(ACTIVE_INDEXED).unwrap();
+            assert!(not_ended(table).is_empty());
+            ensure_active_index(table).unwrap();
+            assert_eq!(not_ended(table), [ids[0], ids[2]]);
+        });
+    }
+
+    #[test]
+    fn the_jobs_after_a_cancelled_one_are_cancelled_in_a_chain() {
+        with_table(|table| {
+            ensure_active_index(table).unwrap();
+            let first = submit_after(table, &[]).unwrap();
+            let second = submit_after(table, &[first]).unwrap();
+            let third = submit_after(table, &[second]).unwrap();
+            let other = submit_after(table, &[]).unwrap();
+            cancel(table, first);
+            assert_eq!(not_ended(table), [other]);
+            let third = job(table, third).unwrap().unwrap();
+            assert_eq!(third.state(), JobState::Cancelled);
+            assert_eq!(
+                third.reason,
+                format!("job {second}, which it runs after, cancelled")
+            );
+            let refused = submit_after(table, &[first]).unwrap_err();
+            assert!(
+                matches!(&refused, Refusal::Refused { message, .. } if message.contains("could never run")),
+                "{refused:?}"
+            );
+            assert!(submit_after(table, &[999]).is_err(), "no such job");
+        });
     }
 
     #[test]

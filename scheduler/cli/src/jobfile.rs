@@ -43,6 +43,10 @@ pub struct SubmitArgs {
     /// them fails or is cancelled.
     #[arg(long, value_name = "JOB", value_delimiter = ',')]
     after: Vec<u64>,
+    /// A job array of N tasks (ids printed one per line): task i gets HAI_ARRAY_INDEX=i,
+    /// HAI_ARRAY_SIZE and HAI_ARRAY_FIRST_JOB.
+    #[arg(long, value_name = "N")]
+    array: Option<u32>,
     /// The job's checkpoint directory (HAI_CHECKPOINT_DIR).
     #[arg(long)]
     checkpoint_dir: Option<String>,
@@ -79,6 +83,7 @@ struct JobFile {
     time_limit: Option<ff_config::Duration>,
     #[serde(default)]
     after: Vec<u64>,
+    array: Option<u32>,
     checkpoint_dir: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -174,6 +179,7 @@ impl SubmitArgs {
             } else {
                 self.after
             },
+            array_size: self.array.or(file.array).unwrap_or(0),
             checkpoint_dir: self
                 .checkpoint_dir
                 .or(file.checkpoint_dir)
@@ -239,6 +245,11 @@ mod tests {
         let after = spec_of(&["--after", "3,4", "--after", "9", "--", "x"]).unwrap();
         assert_eq!(after.after, [3, 4, 9]);
         assert!(spec_of(&["--after", "three", "--", "x"]).is_err());
+        assert_eq!(spec_of(&["--array", "8", "--", "x"]).unwrap().array_size, 8);
+        let huge = spec_of(&["--array", "100000", "--", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(huge.contains("array"), "{huge}");
         let limit = spec_of(&["--time-limit", "soon", "--", "x"])
             .unwrap_err()
             .to_string();

@@ -212,8 +212,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Submit(args) => {
             let client = connect.client()?;
-            let id = client.submit(args.spec()?).await?;
-            println!("{id}");
+            let spec = args.spec()?;
+            let tasks = u64::from(spec.array_size.max(1));
+            let first = client.submit(spec).await?;
+            for id in first..first + tasks {
+                println!("{id}");
+            }
             Ok(())
         }
         Cmd::Jobs { all, json } => show::jobs(&connect.client()?, all, json).await,

@@ -113,6 +113,7 @@ fn job_json(job: &Job) -> serde_json::Value {
         "grace_ms": spec.grace_ms,
         "time_limit_ms": spec.time_limit_ms,
         "after": spec.after,
+        "array_size": spec.array_size,
         "checkpoint_dir": spec.checkpoint_dir,
         "submitted_ms": job.submitted_ms,
         "started_ms": job.started_ms,

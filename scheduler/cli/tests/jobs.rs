@@ -1,7 +1,8 @@
 //! hai as a user meets it, on 3 servers and 2 agents (real processes on loopback): jobs run to
 //! completion as gangs with the scheduler's environment, wait with a reason when they cannot
 //! run, fail with their exit code, are cancelled or stopped at their time limit, run after
-//! other jobs (or are cancelled when those fail); another user's cancel is refused; drained
+//! other jobs (or are cancelled when those fail), run as arrays; another user's cancel is
+//! refused; drained
 //! nodes take nothing; malformed input gets a clear error.
 
 #![allow(clippy::unwrap_used)]
@@ -188,6 +189,36 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
         &["submit", "--after", &doomed.to_string(), "--", "true"],
     );
     assert!(hopeless.contains("could never run"), "{hopeless}");
+
+    // A job array: one submission, consecutive ids printed one per line, every task with its
+    // own index and name.
+    let printed = ok(
+        &cluster,
+        None,
+        &[
+            "submit",
+            "--name",
+            "sweep",
+            "--array",
+            "3",
+            "--",
+            "sh",
+            "-c",
+            "echo task $HAI_ARRAY_INDEX of $HAI_ARRAY_SIZE from $HAI_ARRAY_FIRST_JOB",
+        ],
+    );
+    let tasks: Vec<u64> = printed.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(tasks.len(), 3, "{printed}");
+    assert_eq!(tasks[2], tasks[0] + 2, "consecutive: {printed}");
+    for (index, task) in tasks.iter().enumerate() {
+        let done = wait_state(&cluster, *task, "completed", Duration::from_secs(30)).await;
+        assert_eq!(done["name"], format!("sweep[{index}]").as_str(), "{done}");
+        let logs = ok(&cluster, None, &["logs", &task.to_string()]);
+        assert!(
+            logs.contains(&format!("task {index} of 3 from {}", tasks[0])),
+            "{logs}"
+        );
+    }
 
     // Users: another user's job may not be cancelled by them; the owner or an admin may.
     let alice = ok(&cluster, None, &["admin", "user", "add", "alice"]);

@@ -10,7 +10,7 @@
 use ff_raft::StateMachineError;
 use ff_raft::redb::{ReadableTable, Table, TableDefinition};
 use hai_proto::{
-    Job, JobSpec, JobState, Node, NodeState, PlaceOp, PlacedNode, RankExit, RestartPolicy,
+    EnvVar, Job, JobSpec, JobState, Node, NodeState, PlaceOp, PlacedNode, RankExit, RestartPolicy,
     StopKind, StopOp, User, UserRecord,
 };
 use prost::Message as _;
@@ -47,6 +47,8 @@ pub mod limits {
     pub const MAX_ITEMS: usize = 1024;
     /// Most jobs one job may wait for.
     pub const MAX_AFTER: usize = 64;
+    /// Most tasks in one job array.
+    pub const MAX_ARRAY: u32 = 10_000;
     /// Most restarts after failures.
     pub const MAX_RESTARTS: u32 = 1000;
 }
@@ -344,6 +346,12 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), String> {
             spec.max_restarts
         ));
     }
+    if spec.array_size > MAX_ARRAY {
+        return Err(format!(
+            "array: {} tasks; an array may have at most {MAX_ARRAY}",
+            spec.array_size
+        ));
+    }
     if spec.after.len() > MAX_AFTER {
         return Err(format!(
             "after: {} jobs; a job may wait for at most {MAX_AFTER}",
@@ -442,18 +450,25 @@ pub fn submit(
         }
     }
     let id = next_job_id(table)?;
-    let job = Job {
-        id,
-        spec: Some(spec),
-        owner,
-        state: JobState::Pending as i32,
-        submitted_ms: now,
-        reason: "queued".to_string(),
-        request_id: request_id.to_string(),
-        ..Job::default()
-    };
-    put_job(table, &job)?;
-    table.insert(NEXT_JOB, (id + 1).to_be_bytes().as_slice())?;
+    let tasks = spec.array_size.max(1);
+    for task in 0..tasks {
+        let job = Job {
+            id: id + u64::from(task),
+            spec: Some(if spec.array_size > 1 {
+                array_task(&spec, id, task)
+            } else {
+                spec.clone()
+            }),
+            owner: owner.clone(),
+            state: JobState::Pending as i32,
+            submitted_ms: now,
+            reason: "queued".to_string(),
+            request_id: request_id.to_string(),
+            ..Job::default()
+        };
+        put_job(table, &job)?;
+    }
+    table.insert(NEXT_JOB, (id + u64::from(tasks)).to_be_bytes().as_slice())?;
     if !request_id.is_empty() {
         table.insert(
             key(REQUEST_PREFIX, request_id.as_bytes()).as_slice(),
@@ -461,6 +476,24 @@ pub fn submit(
         )?;
     }
     Ok(id)
+}
+
+/// Task `task` of the array whose first job is `first`: its own name and array variables.
+fn array_task(spec: &JobSpec, first: u64, task: u32) -> JobSpec {
+    let mut own = spec.clone();
+    own.name = format!("{}[{task}]", spec.name);
+    own.env.retain(|v| !v.name.starts_with("HAI_ARRAY_"));
+    for (name, value) in [
+        ("HAI_ARRAY_INDEX", task.to_string()),
+        ("HAI_ARRAY_SIZE", spec.array_size.to_string()),
+        ("HAI_ARRAY_FIRST_JOB", first.to_string()),
+    ] {
+        own.env.push(EnvVar {
+            name: name.to_string(),
+            value,
+        });
+    }
+    own
 }
 
 /// Registers (or re-registers) a node: it is up again; its drain flag is kept.
@@ -1047,6 +1080,50 @@ mod tests {
                 "{refused:?}"
             );
             assert!(submit_after(table, &[999]).is_err(), "no such job");
+        });
+    }
+
+    #[test]
+    fn an_array_is_one_submission_of_consecutive_tasks_each_with_its_index() {
+        with_table(|table| {
+            ensure_active_index(table).unwrap();
+            let lone = submit_after(table, &[]).unwrap();
+            let spec = JobSpec {
+                name: "sweep".to_string(),
+                command: vec!["train".to_string()],
+                nodes: 1,
+                array_size: 3,
+                env: vec![EnvVar {
+                    name: "HAI_ARRAY_INDEX".to_string(),
+                    value: "forged".to_string(),
+                }],
+                ..JobSpec::default()
+            };
+            let first = submit(table, 0, spec.clone(), "u".to_string(), "r1").unwrap();
+            assert_eq!(first, lone + 1);
+            // Retried with the same request id: the same array, not another.
+            assert_eq!(
+                submit(table, 0, spec, "u".to_string(), "r1").unwrap(),
+                first
+            );
+            assert_eq!(not_ended(table), [lone, first, first + 1, first + 2]);
+            let last = job(table, first + 2).unwrap().unwrap().spec.unwrap();
+            assert_eq!(last.name, "sweep[2]");
+            let env: Vec<(&str, &str)> = last
+                .env
+                .iter()
+                .map(|v| (v.name.as_str(), v.value.as_str()))
+                .collect();
+            let first_text = first.to_string();
+            assert_eq!(
+                env,
+                [
+                    ("HAI_ARRAY_INDEX", "2"),
+                    ("HAI_ARRAY_SIZE", "3"),
+                    ("HAI_ARRAY_FIRST_JOB", first_text.as_str())
+                ]
+            );
+            assert_eq!(submit_after(table, &[]).unwrap(), first + 3);
         });
     }
 

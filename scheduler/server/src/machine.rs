@@ -29,8 +29,8 @@ fn apply_op(
             result.job_id = state::submit(
                 table,
                 now,
-                op.spec.unwrap_or_default(),
-                op.owner,
+                &op.spec.unwrap_or_default(),
+                &op.owner,
                 &op.request_id,
             )?;
         }

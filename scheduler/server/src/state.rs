@@ -417,8 +417,8 @@ fn next_job_id(table: &HaiTable<'_>) -> Result<u64, Refusal> {
 pub fn submit(
     table: &mut HaiTable<'_>,
     now: i64,
-    spec: JobSpec,
-    owner: String,
+    spec: &JobSpec,
+    owner: &str,
     request_id: &str,
 ) -> Result<u64, Refusal> {
     if !request_id.is_empty()
@@ -428,7 +428,7 @@ pub fn submit(
             .map(u64::from_be_bytes)
             .unwrap_or(0));
     }
-    validate_spec(&spec).map_err(|m| refuse(code::INVALID_ARGUMENT, m))?;
+    validate_spec(spec).map_err(|m| refuse(code::INVALID_ARGUMENT, m))?;
     if request_id.len() > 128 {
         return Err(refuse(code::INVALID_ARGUMENT, "request id over 128 bytes"));
     }
@@ -455,11 +455,11 @@ pub fn submit(
         let job = Job {
             id: id + u64::from(task),
             spec: Some(if spec.array_size > 1 {
-                array_task(&spec, id, task)
+                array_task(spec, id, task)
             } else {
                 spec.clone()
             }),
-            owner: owner.clone(),
+            owner: owner.to_string(),
             state: JobState::Pending as i32,
             submitted_ms: now,
             reason: "queued".to_string(),
@@ -1021,7 +1021,7 @@ mod tests {
             after: after.to_vec(),
             ..JobSpec::default()
         };
-        submit(table, 0, spec, "u".to_string(), "")
+        submit(table, 0, &spec, "u", "")
     }
 
     fn cancel(table: &mut HaiTable<'_>, id: u64) {
@@ -1099,13 +1099,10 @@ mod tests {
                 }],
                 ..JobSpec::default()
             };
-            let first = submit(table, 0, spec.clone(), "u".to_string(), "r1").unwrap();
+            let first = submit(table, 0, &spec, "u", "r1").unwrap();
             assert_eq!(first, lone + 1);
             // Retried with the same request id: the same array, not another.
-            assert_eq!(
-                submit(table, 0, spec, "u".to_string(), "r1").unwrap(),
-                first
-            );
+            assert_eq!(submit(table, 0, &spec, "u", "r1").unwrap(), first);
             assert_eq!(not_ended(table), [lone, first, first + 1, first + 2]);
             let last = job(table, first + 2).unwrap().unwrap().spec.unwrap();
             assert_eq!(last.name, "sweep[2]");

@@ -45,6 +45,8 @@ pub struct HaiClusterSpec {
     pub raft_tick: Duration,
     /// Whether every process serves `/metrics`.
     pub metrics: bool,
+    /// How long the servers keep ended jobs (the servers' default unless set).
+    pub job_retention: Option<Duration>,
     /// Extra environment for every agent (and so every rank).
     pub agent_env: Vec<(String, String)>,
     /// The ranks' log directory (shared by the agents; `DIR/logs` by default).
@@ -73,6 +75,7 @@ impl HaiClusterSpec {
             node_lease: Duration::from_secs(3),
             raft_tick: Duration::from_millis(50),
             metrics: false,
+            job_retention: None,
             agent_env: Vec::new(),
         }
     }
@@ -183,6 +186,10 @@ impl HaiCluster {
                 admin_token_file: spec.token_path(),
                 node_lease: ff_config::Duration(spec.node_lease),
                 schedule_interval: ff_config::Duration::millis(200),
+                job_retention: spec.job_retention.map_or_else(
+                    || ServerConfig::default().job_retention,
+                    ff_config::Duration,
+                ),
                 raft: RaftConfig {
                     node_id: id,
                     cluster: "hai".to_string(),

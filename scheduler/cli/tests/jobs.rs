@@ -271,3 +271,32 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
 
     cluster.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_jobs_are_forgotten_after_the_retention() {
+    let (_dir, cluster) = cluster_with(1, 1, 1, |spec| {
+        spec.job_retention = Some(Duration::from_secs(2));
+    })
+    .await;
+    let done = submit(&cluster, None, &["--", "true"]);
+    let running = submit(&cluster, None, &["--", "sleep", "300"]);
+    wait_state(&cluster, done, "completed", Duration::from_secs(30)).await;
+    // Forgotten by the leader once its retention has passed; the running job stays.
+    let started = std::time::Instant::now();
+    loop {
+        let output = hai(&cluster, None, &["show", &done.to_string()]);
+        if !output.status.success() {
+            let error = String::from_utf8_lossy(&output.stderr);
+            assert!(error.contains(&format!("no job {done}")), "{error}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "job {done} still shown a minute after it completed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(show(&cluster, running)["state"], "running");
+    let all = ok(&cluster, None, &["jobs", "--all"]);
+    assert!(!all.contains(&format!("\n{done:>6} ")), "{all}");
+}

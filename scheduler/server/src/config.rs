@@ -21,6 +21,9 @@ pub struct ServerConfig {
     pub node_lease: Duration,
     /// How often the leader's scheduling loop runs when nothing wakes it sooner.
     pub schedule_interval: Duration,
+    /// How long ended jobs are kept (for `hai jobs --all`, `hai show`, `hai logs`) before the
+    /// leader forgets them; 0 keeps them forever.
+    pub job_retention: Duration,
     /// The raft group of the hai servers.
     pub raft: RaftConfig,
 }
@@ -33,6 +36,7 @@ impl Default for ServerConfig {
             admin_token_file: "admin.token".into(),
             node_lease: Duration::secs(10),
             schedule_interval: Duration::millis(500),
+            job_retention: Duration::secs(7 * 24 * 3600),
             raft: RaftConfig {
                 cluster: "hai".to_string(),
                 data_dir: "data/hai".into(),
@@ -72,6 +76,12 @@ impl DaemonConfig for ServerConfig {
                 && self.schedule_interval.get() <= std::time::Duration::from_secs(60),
             "schedule_interval",
             "must be above 0 and at most 1m",
+        )?;
+        ensure(
+            self.job_retention.get().is_zero()
+                || self.job_retention.get() >= std::time::Duration::from_secs(1),
+            "job_retention",
+            "must be 0 (keep forever) or at least 1s",
         )?;
         ensure(
             !self.admin_token_file.as_os_str().is_empty(),

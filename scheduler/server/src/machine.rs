@@ -41,6 +41,7 @@ fn apply_op(
         Op::NodeDown(op) => state::node_down(table, now, &op.node, &op.reason)?,
         Op::SetDrain(op) => state::set_drain(table, &op.node, op.drain)?,
         Op::AddUser(op) => state::add_user(table, op.user.unwrap_or_default(), &op.token_sha256)?,
+        Op::Forget(op) => result.forgotten = state::forget(table, op.ended_before_ms)?,
     }
     Ok(result)
 }

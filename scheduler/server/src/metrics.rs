@@ -1,6 +1,6 @@
 //! Prometheus series of a hai server replica (besides ff-raft's own): API requests, jobs by
-//! state and nodes by state (as the leader sees them), preemptions, time-limit stops, and how
-//! long jobs waited
+//! state and nodes by state (as the leader sees them), preemptions, time-limit stops, forgotten
+//! ended jobs, and how long jobs waited
 //! before they started.
 
 use ff_metrics::RequestMetrics;
@@ -22,6 +22,8 @@ pub struct HaiMetrics {
     pub preemptions: IntCounter,
     /// Running attempts stopped for outliving their time limit.
     pub time_limit_stops: IntCounter,
+    /// Ended jobs forgotten after the retention.
+    pub jobs_forgotten: IntCounter,
     /// Seconds from submission (or requeue) to start.
     pub queue_wait: Histogram,
 }
@@ -74,6 +76,10 @@ impl HaiMetrics {
             "hai_time_limit_stops_total",
             "Running attempts stopped (and failed) for outliving their job's time limit",
         )?;
+        let jobs_forgotten = IntCounter::new(
+            "hai_jobs_forgotten_total",
+            "Ended jobs forgotten once older than the server's job_retention",
+        )?;
         let queue_wait = Histogram::with_opts(
             HistogramOpts::new(
                 "hai_queue_wait_seconds",
@@ -94,6 +100,7 @@ impl HaiMetrics {
         registry.register(Box::new(nodes.clone()))?;
         registry.register(Box::new(preemptions.clone()))?;
         registry.register(Box::new(time_limit_stops.clone()))?;
+        registry.register(Box::new(jobs_forgotten.clone()))?;
         registry.register(Box::new(queue_wait.clone()))?;
         Ok(HaiMetrics {
             requests,
@@ -101,6 +108,7 @@ impl HaiMetrics {
             nodes,
             preemptions,
             time_limit_stops,
+            jobs_forgotten,
             queue_wait,
         })
     }

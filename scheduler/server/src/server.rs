@@ -67,7 +67,13 @@ impl Server {
             HaiMachine,
             |node, registry, router| match HaiMetrics::register(registry) {
                 Ok(metrics) => {
-                    let api = HaiApi::new(node.clone(), token.clone(), lease, metrics);
+                    let api = HaiApi::new(
+                        node.clone(),
+                        token.clone(),
+                        lease,
+                        config.job_retention.get(),
+                        metrics,
+                    );
                     api_slot = Some(api.clone());
                     router
                         .add_service(HaiServer::new(api.clone()))

@@ -18,10 +18,10 @@ use hai_proto::agent_server::Agent;
 use hai_proto::hai_server::Hai;
 use hai_proto::{
     Action, AddUserOp, AddUserReply, AddUserRequest, Assignment, Assignments, Command,
-    CommandResult, Empty, ExitedOp, HeartbeatReply, HeartbeatRequest, Job, JobRequest, JobState,
-    ListJobsReply, ListJobsRequest, ListNodesReply, ListUsersReply, Node, NodeDownOp, NodeState,
-    NodeUse, Query, QueryResult, SetDrainOp, SetDrainRequest, StopKind, StopOp, SubmitOp,
-    SubmitReply, SubmitRequest, User, WatchRequest, command, query,
+    CommandResult, Empty, ExitedOp, ForgetOp, HeartbeatReply, HeartbeatRequest, Job, JobRequest,
+    JobState, ListJobsReply, ListJobsRequest, ListNodesReply, ListUsersReply, Node, NodeDownOp,
+    NodeState, NodeUse, Query, QueryResult, SetDrainOp, SetDrainRequest, StopKind, StopOp,
+    SubmitOp, SubmitReply, SubmitRequest, User, WatchRequest, command, query,
 };
 use tokio::sync::{Notify, watch};
 use tokio_stream::Stream;
@@ -43,6 +43,8 @@ const WATCH_KEEPALIVE: Duration = Duration::from_secs(5);
 /// Least time between two scheduling rounds (a storm of submissions costs a round per gap,
 /// not one per submission).
 const ROUND_GAP: Duration = Duration::from_millis(10);
+/// Longest time between two rounds of forgetting old ended jobs.
+const FORGET_EVERY: Duration = Duration::from_secs(600);
 /// Assignment messages queued per watch stream.
 const WATCH_QUEUE: usize = 4;
 
@@ -75,6 +77,8 @@ struct Liveness {
     /// When this replica last became leader (every node gets a full lease from then).
     leader_since: Option<Instant>,
     last_heartbeat: HashMap<String, Instant>,
+    /// When this leader last had old ended jobs forgotten.
+    last_forget: Option<Instant>,
 }
 
 struct Inner {
@@ -87,6 +91,8 @@ struct Inner {
     /// Wakes the scheduling loop.
     wake: Notify,
     lease: Duration,
+    /// How long ended jobs are kept; zero: forever.
+    job_retention: Duration,
     metrics: HaiMetrics,
 }
 
@@ -128,11 +134,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl HaiApi {
-    /// The API over `node`, with agents' heartbeat `lease`.
+    /// The API over `node`, with agents' heartbeat `lease`, keeping ended jobs for
+    /// `job_retention` (zero: forever).
     pub fn new(
         node: RaftNode<HaiMachine>,
         admin_token: String,
         lease: Duration,
+        job_retention: Duration,
         metrics: HaiMetrics,
     ) -> HaiApi {
         HaiApi {
@@ -144,6 +152,7 @@ impl HaiApi {
                 changed: watch::Sender::new(0),
                 wake: Notify::new(),
                 lease,
+                job_retention,
                 metrics,
             }),
         }
@@ -379,6 +388,7 @@ impl HaiApi {
                 Err(error) => return Err(error),
             }
         }
+        self.forget_old_jobs(now).await?;
         let plan = plan(&view.nodes, &view.jobs, &users);
         for (victim, reason) in plan.preempt {
             tracing::info!(job = victim, %reason, "preempting");
@@ -408,6 +418,41 @@ impl HaiApi {
                 }
                 Err(error) => return Err(error),
             }
+        }
+        Ok(())
+    }
+
+    /// Has the jobs that ended more than `job_retention` before `now` (ms) forgotten, at most
+    /// once per retention period or ten minutes, whichever is shorter.
+    async fn forget_old_jobs(&self, now: i64) -> Result<(), Status> {
+        let retention = self.inner.job_retention;
+        if retention.is_zero() {
+            return Ok(());
+        }
+        let due = {
+            let mut live = lock(&self.inner.live);
+            let every = retention.min(FORGET_EVERY);
+            let due = live.last_forget.is_none_or(|t| t.elapsed() >= every);
+            if due {
+                live.last_forget = Some(Instant::now());
+            }
+            due
+        };
+        if !due {
+            return Ok(());
+        }
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let result = self
+            .propose(command::Op::Forget(ForgetOp {
+                ended_before_ms: now.saturating_sub(retention_ms),
+            }))
+            .await?;
+        if result.forgotten > 0 {
+            tracing::info!(
+                jobs = result.forgotten,
+                "forgot jobs ended before the retention"
+            );
+            self.inner.metrics.jobs_forgotten.inc_by(result.forgotten);
         }
         Ok(())
     }

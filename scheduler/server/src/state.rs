@@ -496,6 +496,23 @@ fn array_task(spec: &JobSpec, first: u64, task: u32) -> JobSpec {
     own
 }
 
+/// Forgets the jobs that ended before `ended_before_ms`, with their request ids; returns how
+/// many. Jobs not ended are never touched, and a waiting job's dependencies that are forgotten
+/// had completed (the jobs after a failed or cancelled one are cancelled when it ends).
+pub fn forget(table: &mut HaiTable<'_>, ended_before_ms: i64) -> Result<u64, Refusal> {
+    let mut forgotten = 0;
+    for job in jobs(table, true)? {
+        if is_ended(job.state()) && job.ended_ms < ended_before_ms {
+            table.remove(key(JOB_PREFIX, &job.id.to_be_bytes()).as_slice())?;
+            if !job.request_id.is_empty() {
+                table.remove(key(REQUEST_PREFIX, job.request_id.as_bytes()).as_slice())?;
+            }
+            forgotten += 1;
+        }
+    }
+    Ok(forgotten)
+}
+
 /// Registers (or re-registers) a node: it is up again; its drain flag is kept.
 pub fn register(table: &mut HaiTable<'_>, now: i64, mut new: Node) -> Result<(), Refusal> {
     if new.name.is_empty() || new.name.len() > 255 || new.name.contains(char::is_whitespace) {
@@ -645,7 +662,11 @@ pub fn place(table: &mut HaiTable<'_>, now: i64, op: PlaceOp) -> Result<(), Refu
         .ok_or_else(|| refuse(code::INVALID_ARGUMENT, "no placement"))?;
     let spec = job.spec.clone().unwrap_or_default();
     for dependency in &spec.after {
-        let done = job_state(table, *dependency)? == Some(JobState::Completed);
+        // Forgotten (None): ended long ago, and completed, or this job would be cancelled.
+        let done = matches!(
+            job_state(table, *dependency)?,
+            None | Some(JobState::Completed)
+        );
         if !done {
             return Err(refuse(
                 code::FAILED_PRECONDITION,
@@ -1121,6 +1142,36 @@ mod tests {
                 ]
             );
             assert_eq!(submit_after(table, &[]).unwrap(), first + 3);
+        });
+    }
+
+    #[test]
+    fn forgetting_takes_only_jobs_ended_before_the_cutoff_with_their_request_ids() {
+        with_table(|table| {
+            ensure_active_index(table).unwrap();
+            let spec = JobSpec {
+                command: vec!["true".to_string()],
+                nodes: 1,
+                ..JobSpec::default()
+            };
+            let old = submit(table, 0, &spec, "u", "old").unwrap();
+            let recent = submit(table, 0, &spec, "u", "recent").unwrap();
+            let waiting = submit_after(table, &[]).unwrap();
+            for (id, at) in [(old, 100), (recent, 900)] {
+                let op = StopOp {
+                    job_id: id,
+                    kind: StopKind::StopCancel as i32,
+                    reason: "cancelled by u".to_string(),
+                };
+                stop(table, at, op).unwrap();
+            }
+            assert_eq!(forget(table, 500).unwrap(), 1);
+            let left: Vec<u64> = jobs(table, true).unwrap().iter().map(|j| j.id).collect();
+            assert_eq!(left, [recent, waiting]);
+            // The forgotten submission's request id is free again; the kept one still answers.
+            assert_eq!(submit(table, 0, &spec, "u", "recent").unwrap(), recent);
+            assert!(submit(table, 0, &spec, "u", "old").unwrap() > waiting);
+            assert_eq!(forget(table, 500).unwrap(), 0, "nothing more that old");
         });
     }
 

@@ -54,15 +54,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Stop a job for good (SIGTERM, SIGKILL after its grace).
+    /// Stop jobs for good (SIGTERM, SIGKILL after their grace).
     Cancel {
-        /// The job id.
-        id: u64,
+        /// Job ids, or ranges of them such as 12-19 (an array's tasks).
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
     },
-    /// Checkpoint and requeue a running job (SIGUSR1 and the flag file).
+    /// Checkpoint and requeue running jobs (SIGUSR1 and the flag file).
     Suspend {
-        /// The job id.
-        id: u64,
+        /// Job ids, or ranges of them such as 12-19.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
     },
     /// Print a job's rank logs (from the log directory, shared by the nodes).
     Logs {
@@ -139,6 +141,57 @@ enum UserCmd {
     },
     /// List users.
     List,
+}
+
+/// Most jobs one `hai cancel` or `hai suspend` acts on (an array's largest size).
+const MAX_JOBS_AT_ONCE: u64 = 10_000;
+
+/// Job ids from `12`, `12-19` and lists of them, in order; ranges are bounded.
+fn job_ids(texts: &[String]) -> anyhow::Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    for text in texts {
+        let parse = |t: &str| {
+            t.trim()
+                .parse::<u64>()
+                .map_err(|_| anyhow::anyhow!("{text:?} is not a job id or a range such as 12-19"))
+        };
+        match text.split_once('-') {
+            Some((first, last)) => {
+                let (first, last) = (parse(first)?, parse(last)?);
+                if first > last || last - first >= MAX_JOBS_AT_ONCE {
+                    bail!("{text:?}: a range runs up, over at most {MAX_JOBS_AT_ONCE} jobs");
+                }
+                ids.extend(first..=last);
+            }
+            None => ids.push(parse(text)?),
+        }
+        if ids.len() as u64 > MAX_JOBS_AT_ONCE {
+            bail!("more than {MAX_JOBS_AT_ONCE} jobs at once");
+        }
+    }
+    Ok(ids)
+}
+
+/// Applies `act` to every job of `texts`, going on past failures (each printed); fails if any
+/// did.
+async fn for_each_job<F, Fut>(texts: &[String], act: F) -> anyhow::Result<()>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let ids = job_ids(texts)?;
+    let mut failed = 0;
+    for id in &ids {
+        if let Err(error) = act(*id).await {
+            eprintln!("hai: job {id}: {error:#}");
+            failed += 1;
+        }
+    }
+    match (failed, ids.len()) {
+        (0, _) => Ok(()),
+        (1, 1) => bail!("nothing done"),
+        (failed, all) => bail!("{failed} of {all} jobs not done"),
+    }
 }
 
 /// Runs the `hai` command line `args` (the program name first); returns the exit code.
@@ -222,8 +275,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Jobs { all, json } => show::jobs(&connect.client()?, all, json).await,
         Cmd::Show { id, json } => show::job(&connect.client()?, id, json).await,
-        Cmd::Cancel { id } => connect.client()?.cancel(id).await,
-        Cmd::Suspend { id } => connect.client()?.suspend(id).await,
+        Cmd::Cancel { ids } => {
+            let client = connect.client()?;
+            for_each_job(&ids, |id| client.cancel(id)).await
+        }
+        Cmd::Suspend { ids } => {
+            let client = connect.client()?;
+            for_each_job(&ids, |id| client.suspend(id)).await
+        }
         Cmd::Logs {
             id,
             rank,
@@ -265,5 +324,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } => show::users(&connect.client()?).await,
         },
         Cmd::RankExec { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_take_lists_and_bounded_ranges() {
+        let ids =
+            |texts: &[&str]| job_ids(&texts.iter().map(|t| t.to_string()).collect::<Vec<_>>());
+        assert_eq!(ids(&["3", "7-9", "12"]).unwrap(), [3, 7, 8, 9, 12]);
+        assert!(ids(&["9-7"]).is_err());
+        assert!(
+            ids(&["x"])
+                .unwrap_err()
+                .to_string()
+                .contains("not a job id")
+        );
+        assert!(ids(&["1-100000"]).is_err());
     }
 }

@@ -220,6 +220,23 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
         );
     }
 
+    // An array cancelled as a range of ids, waiting and running tasks alike.
+    let printed = ok(
+        &cluster,
+        None,
+        &["submit", "--array", "3", "--", "sleep", "300"],
+    );
+    let tasks: Vec<u64> = printed.lines().map(|l| l.trim().parse().unwrap()).collect();
+    wait_state(&cluster, tasks[0], "running", Duration::from_secs(30)).await;
+    ok(
+        &cluster,
+        None,
+        &["cancel", &format!("{}-{}", tasks[0], tasks[2])],
+    );
+    for task in &tasks {
+        wait_state(&cluster, *task, "cancelled", Duration::from_secs(30)).await;
+    }
+
     // Users: another user's job may not be cancelled by them; the owner or an admin may.
     let alice = ok(&cluster, None, &["admin", "user", "add", "alice"]);
     let bob = ok(&cluster, None, &["admin", "user", "add", "bob"]);

@@ -132,6 +132,13 @@ pub fn render_text(registry: &Registry) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// The value of the series written exactly `series` (name and labels, as the exposition
+/// format prints them) in a `/metrics` text, if it is there.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
 /// Fetches `path` from an HTTP endpoint such as a daemon's `/metrics` (status line, headers
 /// and body), with a five-second timeout on connecting and on reading: what demos, benchmarks
 /// and tests use to scrape daemons without a full HTTP client.
@@ -157,6 +164,15 @@ pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_series_is_found_by_its_exact_name_and_labels() {
+        let text = "# HELP x_total X\nx_total_more 9\nx_total{op=\"a\"} 2\nx_total 7\n";
+        assert_eq!(series_value(text, "x_total"), Some(7.0));
+        assert_eq!(series_value(text, "x_total{op=\"a\"}"), Some(2.0));
+        assert_eq!(series_value(text, "x_total{op=\"b\"}"), None);
+        assert_eq!(series_value(text, "y"), None);
+    }
 
     #[tokio::test]
     async fn serves_the_registry_it_was_given() {

@@ -170,10 +170,13 @@ impl SubmitArgs {
                 .grace
                 .or(file.grace)
                 .map_or(DEFAULT_GRACE_MS, |g| g.get().as_millis() as u64),
-            time_limit_ms: self
-                .time_limit
-                .or(file.time_limit)
-                .map_or(0, |limit| limit.get().as_millis() as u64),
+            time_limit_ms: match self.time_limit.or(file.time_limit) {
+                None => 0,
+                Some(limit) if limit.get() < std::time::Duration::from_secs(1) => {
+                    bail!("time_limit: {limit} is under a second; leave it out for no limit")
+                }
+                Some(limit) => u64::try_from(limit.get().as_millis()).unwrap_or(u64::MAX),
+            },
             after: if self.after.is_empty() {
                 file.after
             } else {
@@ -258,6 +261,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(long.contains("time_limit"), "{long}");
+        let zero = spec_of(&["--time-limit", "0s", "--", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("under a second"), "{zero}");
         assert_eq!(spec.command, ["train", "--lr", "3"]);
         assert_eq!(spec.env[0].name, "A");
         let zero = spec_of(&["--nodes", "0", "--", "x"])

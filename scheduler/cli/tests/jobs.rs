@@ -113,25 +113,32 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
     let within = submit(&cluster, None, &["--time-limit", "1m", "--", "true"]);
     wait_state(&cluster, within, "completed", Duration::from_secs(30)).await;
     // Counted by the leader that stopped it (summed over replicas: leadership may move).
-    let mut stops = 0;
+    let mut stops = 0.0;
     for process in cluster.processes() {
         if process.role == "hai-server" {
             let text = ff_metrics::http_get(&process.metrics, "/metrics")
                 .await
                 .unwrap();
-            stops += text
-                .lines()
-                .find_map(|l| l.strip_prefix("hai_time_limit_stops_total "))
-                .and_then(|v| v.trim().parse::<u64>().ok())
+            stops += ff_metrics::series_value(&text, "hai_time_limit_stops_total")
                 .unwrap_or_else(|| panic!("no hai_time_limit_stops_total:\n{text}"));
         }
     }
-    assert_eq!(stops, 1);
+    assert_eq!(stops, 1.0);
 
     // Jobs after others: one waits, saying for what, until the job before it completes; the
     // jobs after one that fails are cancelled, in a chain; an unknown or failed job to run
     // after is refused at submission.
-    let first = submit(&cluster, None, &["--", "sleep", "2"]);
+    // Jobs that hold until the test opens a gate, so that none ends before the test has seen
+    // what it looks for.
+    let gated = |gate: &str, then: &str| {
+        let gate = dir.path().join(gate);
+        format!(
+            "until [ -f {} ]; do sleep 0.1; done; {then}",
+            gate.display()
+        )
+    };
+    let open_gate = |gate: &str| std::fs::write(dir.path().join(gate), b"").unwrap();
+    let first = submit(&cluster, None, &["--", "sh", "-c", &gated("first", "true")]);
     let second = submit(
         &cluster,
         None,
@@ -146,6 +153,7 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
         |j| j["reason"] == expected.as_str(),
     )
     .await;
+    open_gate("first");
     let first_done = wait_state(&cluster, first, "completed", Duration::from_secs(30)).await;
     let second_done = wait_state(&cluster, second, "completed", Duration::from_secs(30)).await;
     assert!(
@@ -155,7 +163,14 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
     let doomed = submit(
         &cluster,
         None,
-        &["--restart", "never", "--", "sh", "-c", "sleep 1; exit 3"],
+        &[
+            "--restart",
+            "never",
+            "--",
+            "sh",
+            "-c",
+            &gated("doomed", "exit 3"),
+        ],
     );
     let next = submit(
         &cluster,
@@ -167,6 +182,7 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
         None,
         &["--after", &next.to_string(), "--", "true"],
     );
+    open_gate("doomed");
     wait_state(&cluster, doomed, "failed", Duration::from_secs(30)).await;
     for (job, before, how) in [(next, doomed, "failed"), (last, next, "cancelled")] {
         let cancelled = wait_state(&cluster, job, "cancelled", Duration::from_secs(10)).await;

@@ -42,11 +42,14 @@ async fn a_preempted_job_checkpoints_and_resumes_where_it_stopped() {
         Duration::from_secs(30),
         Duration::from_millis(100),
         || async {
-            let logs = ok(&cluster, None, &["logs", &low.to_string()]);
-            if logs.contains("starts at step") {
+            // Until the first rank has written, there are no logs to show.
+            let output = hai(&cluster, None, &["logs", &low.to_string()]);
+            let logs = String::from_utf8_lossy(&output.stdout);
+            if output.status.success() && logs.contains("starts at step") {
                 Ok(())
             } else {
-                Err(format!("logs so far: {logs:?}").into())
+                let error = String::from_utf8_lossy(&output.stderr);
+                Err(format!("logs so far: {logs:?} {error}").into())
             }
         },
     )

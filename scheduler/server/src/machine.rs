@@ -53,7 +53,7 @@ impl StateMachine for HaiMachine {
     type QueryResponse = QueryResult;
 
     fn init(&self, txn: &WriteTransaction) -> Result<(), StateMachineError> {
-        state::ensure_active_index(&mut txn.open_table(HAI)?)
+        state::rebuild_indexes(&mut txn.open_table(HAI)?)
     }
 
     fn apply(
@@ -132,6 +132,6 @@ impl StateMachine for HaiMachine {
         while let Some((key, value)) = read_record(input, MAX_RECORD, MAX_RECORD)? {
             table.insert(key.as_slice(), value.as_slice())?;
         }
-        state::ensure_active_index(&mut table)
+        state::rebuild_indexes(&mut table)
     }
 }

@@ -369,6 +369,7 @@ impl HaiApi {
             }
         }
         let now = now_ms();
+        let mut stopped = 0;
         for (job, reason) in view
             .jobs
             .iter()
@@ -381,24 +382,33 @@ impl HaiApi {
                 reason,
             });
             match self.propose(stop).await {
-                Ok(_) => self.inner.metrics.time_limit_stops.inc(),
+                Ok(_) => stopped += 1,
                 Err(error) if error.code() == Code::FailedPrecondition => {
                     tracing::debug!(%error, "the job stopped meanwhile");
                 }
                 Err(error) => return Err(error),
             }
         }
+        if stopped > 0 {
+            self.inner.metrics.time_limit_stops.inc_by(stopped);
+            return Ok(()); // Plan again from the new state.
+        }
         self.forget_old_jobs(now).await?;
         let plan = plan(&view.nodes, &view.jobs, &users);
         for (victim, reason) in plan.preempt {
             tracing::info!(job = victim, %reason, "preempting");
-            self.inner.metrics.preemptions.inc();
-            self.propose(command::Op::Stop(StopOp {
+            let suspend = command::Op::Stop(StopOp {
                 job_id: victim,
                 kind: StopKind::StopSuspend as i32,
                 reason,
-            }))
-            .await?;
+            });
+            match self.propose(suspend).await {
+                Ok(_) => self.inner.metrics.preemptions.inc(),
+                Err(error) if error.code() == Code::FailedPrecondition => {
+                    tracing::debug!(%error, "the job to preempt stopped meanwhile");
+                }
+                Err(error) => return Err(error),
+            }
         }
         for place in plan.place {
             let waited = view

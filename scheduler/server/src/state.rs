@@ -5,7 +5,9 @@
 //!
 //! Keys: `JOB_` + id (u64 BE), `NODE` + name, `USER` + SHA-256 of the token, `REQ_` + request
 //! id (the job a submission made, so that a retried submission answers the same job), `NEXT`
-//! (the next job id).
+//! (the next job id); and two indexes derived from the jobs, rebuilt whenever the state is
+//! opened or restored: `ACTV` + id for every job not ended, `AFTR` + id + dependent id for
+//! every job not ended that runs after job id.
 
 use ff_raft::StateMachineError;
 use ff_raft::redb::{ReadableTable, Table, TableDefinition};
@@ -25,8 +27,9 @@ const REQUEST_PREFIX: &[u8] = b"REQ_";
 /// One empty record per job not ended (`ACTV` + id), so that the scheduler's view and the
 /// agents' assignments cost the live jobs, not the whole history.
 const ACTIVE_PREFIX: &[u8] = b"ACTV";
-/// Present once the `ACTV` index is complete (states written before it are indexed at open).
-const ACTIVE_INDEXED: &[u8] = b"AIDX";
+/// One empty record per (job, job not ended that runs after it): `AFTR` + id + dependent id,
+/// so that ending a job finds the jobs after it without a scan.
+const AFTER_PREFIX: &[u8] = b"AFTR";
 const NEXT_JOB: &[u8] = b"NEXT";
 
 /// Limits on what a job may ask for.
@@ -160,12 +163,11 @@ fn put_job(table: &mut HaiTable<'_>, job: &Job) -> Result<(), Refusal> {
         ended.push((job.id, job.state()));
     }
     while let Some((id, state)) = ended.pop() {
-        for mut dependent in jobs(table, false)? {
-            let waits_for_it = dependent
-                .spec
-                .as_ref()
-                .is_some_and(|s| s.after.contains(&id));
-            if waits_for_it && is_waiting(dependent.state()) {
+        for dependent in dependents(table, id)? {
+            let Some(mut dependent) = self::job(table, dependent)? else {
+                continue;
+            };
+            if is_waiting(dependent.state()) {
                 dependent.state = JobState::Cancelled as i32;
                 dependent.ended_ms = job.ended_ms;
                 dependent.reason = format!("job {id}, which it runs after, {}", state_name(state));
@@ -182,33 +184,66 @@ fn write_job(table: &mut HaiTable<'_>, job: &Job) -> Result<(), Refusal> {
         key(JOB_PREFIX, &job.id.to_be_bytes()).as_slice(),
         job.encode_to_vec().as_slice(),
     )?;
-    index_job(table, job.id, job.state())
+    index_job(table, job)
 }
 
-fn index_job(table: &mut HaiTable<'_>, id: u64, state: JobState) -> Result<(), Refusal> {
-    let active = key(ACTIVE_PREFIX, &id.to_be_bytes());
-    if is_ended(state) {
-        table.remove(active.as_slice())?;
-    } else {
-        table.insert(active.as_slice(), [].as_slice())?;
+fn after_key(dependency: u64, dependent: u64) -> Vec<u8> {
+    let mut pair = dependency.to_be_bytes().to_vec();
+    pair.extend_from_slice(&dependent.to_be_bytes());
+    key(AFTER_PREFIX, &pair)
+}
+
+/// Keeps `job`'s entries in the `ACTV` and `AFTR` indexes: present while it has not ended.
+fn index_job(table: &mut HaiTable<'_>, job: &Job) -> Result<(), Refusal> {
+    let mut keys = vec![key(ACTIVE_PREFIX, &job.id.to_be_bytes())];
+    if let Some(spec) = &job.spec {
+        keys.extend(spec.after.iter().map(|before| after_key(*before, job.id)));
+    }
+    for index_key in keys {
+        if is_ended(job.state()) {
+            table.remove(index_key.as_slice())?;
+        } else {
+            table.insert(index_key.as_slice(), [].as_slice())?;
+        }
     }
     Ok(())
 }
 
-/// Builds the index of jobs not ended if this state predates it (at open, and after a
-/// snapshot from such a state is restored); a state that has it is left alone.
-pub fn ensure_active_index(table: &mut HaiTable<'_>) -> Result<(), StateMachineError> {
-    let mut build = || -> Result<(), Refusal> {
-        if table.get(ACTIVE_INDEXED)?.is_some() {
-            return Ok(());
+/// Ids of the jobs not ended that run after job `id`.
+fn dependents(table: &HaiTable<'_>, id: u64) -> Result<Vec<u64>, Refusal> {
+    let prefix = key(AFTER_PREFIX, &id.to_be_bytes());
+    let end = prefix_end(&prefix);
+    let mut out = Vec::new();
+    for item in table.range::<&[u8]>(prefix.as_slice()..end.as_slice())? {
+        let (pair, _) = item?;
+        out.push(id_after(pair.value(), prefix.len())?);
+    }
+    Ok(out)
+}
+
+/// The job id in an index key after its first `at` bytes.
+fn id_after(index_key: &[u8], at: usize) -> Result<u64, Refusal> {
+    index_key
+        .get(at..)
+        .and_then(|rest| <[u8; 8]>::try_from(rest).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt("an index key does not end in a job id"))
+}
+
+/// Rebuilds the indexes derived from the jobs (at every open and after a restore, so that
+/// no state, whichever version wrote it, is trusted to carry them).
+pub fn rebuild_indexes(table: &mut HaiTable<'_>) -> Result<(), StateMachineError> {
+    let mut rebuild = || -> Result<(), Refusal> {
+        for prefix in [ACTIVE_PREFIX, AFTER_PREFIX] {
+            let end = prefix_end(prefix);
+            table.retain_in::<&[u8], _>(prefix..end.as_slice(), |_, _| false)?;
         }
         for job in jobs(table, true)? {
-            index_job(table, job.id, job.state())?;
+            index_job(table, &job)?;
         }
-        table.insert(ACTIVE_INDEXED, [].as_slice())?;
         Ok(())
     };
-    build().map_err(|refusal| match refusal {
+    rebuild().map_err(|refusal| match refusal {
         Refusal::Storage(error) => error,
         Refusal::Refused { message, .. } => StateMachineError::Corrupt(message),
     })
@@ -227,10 +262,7 @@ pub fn jobs(
     let mut out = Vec::new();
     for item in table.range::<&[u8]>(ACTIVE_PREFIX..end.as_slice())? {
         let (active, _) = item?;
-        let id = active.value()[ACTIVE_PREFIX.len()..]
-            .try_into()
-            .map(u64::from_be_bytes)
-            .map_err(|_| corrupt("an ACTV index key is not a job id"))?;
+        let id = id_after(active.value(), ACTIVE_PREFIX.len())?;
         out.push(job(table, id)?.ok_or_else(|| corrupt(format!("indexed job {id} is missing")))?);
     }
     Ok(out)
@@ -463,7 +495,12 @@ pub fn submit(
             state: JobState::Pending as i32,
             submitted_ms: now,
             reason: "queued".to_string(),
-            request_id: request_id.to_string(),
+            // The first task answers for an array's submission (see `forget`).
+            request_id: if task == 0 {
+                request_id.to_string()
+            } else {
+                String::new()
+            },
             ..Job::default()
         };
         put_job(table, &job)?;
@@ -504,8 +541,14 @@ pub fn forget(table: &mut HaiTable<'_>, ended_before_ms: i64) -> Result<u64, Ref
     for job in jobs(table, true)? {
         if is_ended(job.state()) && job.ended_ms < ended_before_ms {
             table.remove(key(JOB_PREFIX, &job.id.to_be_bytes()).as_slice())?;
-            if !job.request_id.is_empty() {
-                table.remove(key(REQUEST_PREFIX, job.request_id.as_bytes()).as_slice())?;
+            // Only if it still names this job (a retry after a retention could have reused it).
+            let request = key(REQUEST_PREFIX, job.request_id.as_bytes());
+            let names_this = match table.get(request.as_slice())? {
+                Some(id) => id.value() == job.id.to_be_bytes().as_slice(),
+                None => false,
+            };
+            if !job.request_id.is_empty() && names_this {
+                table.remove(request.as_slice())?;
             }
             forgotten += 1;
         }
@@ -886,13 +929,19 @@ pub fn stop(table: &mut HaiTable<'_>, now: i64, op: StopOp) -> Result<(), Refusa
                 format!("job {} is {}, not running", job.id, state_name(state)),
             ));
         }
-        (StopKind::StopTimeLimit, JobState::Running) => {
+        // Checked again here: the leader decided from a view that may be a few entries old
+        // (the attempt it saw may have been replaced since).
+        (StopKind::StopTimeLimit, JobState::Running) if past_time_limit(&job, now).is_some() => {
             begin_failing(&mut job, now, false, op.reason);
         }
         (StopKind::StopTimeLimit, _) => {
             return Err(refuse(
                 code::FAILED_PRECONDITION,
-                format!("job {} is {}, not running", job.id, state_name(state)),
+                format!(
+                    "job {} is {}, not running past its time limit",
+                    job.id,
+                    state_name(state)
+                ),
             ));
         }
         (StopKind::StopCancel, JobState::Pending | JobState::Suspended) => {
@@ -1059,30 +1108,45 @@ mod tests {
     }
 
     #[test]
-    fn the_index_holds_the_jobs_not_ended_and_is_built_for_older_states() {
+    fn the_indexes_hold_the_jobs_not_ended_and_are_rebuilt_whatever_the_state_held() {
         with_table(|table| {
-            ensure_active_index(table).unwrap();
+            rebuild_indexes(table).unwrap();
             let ids: Vec<u64> = (0..3).map(|_| submit_after(table, &[]).unwrap()).collect();
+            let after = submit_after(table, &[ids[0], ids[2]]).unwrap();
             cancel(table, ids[1]);
-            assert_eq!(not_ended(table), [ids[0], ids[2]]);
-            assert_eq!(jobs(table, true).unwrap().len(), 3);
-            // A state written before the index: built when it is opened.
+            assert_eq!(not_ended(table), [ids[0], ids[2], after]);
+            assert_eq!(jobs(table, true).unwrap().len(), 4);
+            assert_eq!(dependents(table, ids[2]).unwrap(), [after]);
+            // A state without the indexes (written before them), and one whose index lies (an
+            // ended job listed): both rebuilt from the jobs.
             for id in &ids {
                 table
                     .remove(key(ACTIVE_PREFIX, &id.to_be_bytes()).as_slice())
                     .unwrap();
             }
-            table.remove(ACTIVE_INDEXED).unwrap();
-            assert!(not_ended(table).is_empty());
-            ensure_active_index(table).unwrap();
-            assert_eq!(not_ended(table), [ids[0], ids[2]]);
+            table.remove(after_key(ids[0], after).as_slice()).unwrap();
+            table
+                .insert(
+                    key(ACTIVE_PREFIX, &ids[1].to_be_bytes()).as_slice(),
+                    [].as_slice(),
+                )
+                .unwrap();
+            assert_eq!(not_ended(table).len(), 2);
+            rebuild_indexes(table).unwrap();
+            assert_eq!(not_ended(table), [ids[0], ids[2], after]);
+            assert_eq!(dependents(table, ids[0]).unwrap(), [after]);
+            cancel(table, after);
+            assert!(
+                dependents(table, ids[0]).unwrap().is_empty(),
+                "ended: unlisted"
+            );
         });
     }
 
     #[test]
     fn the_jobs_after_a_cancelled_one_are_cancelled_in_a_chain() {
         with_table(|table| {
-            ensure_active_index(table).unwrap();
+            rebuild_indexes(table).unwrap();
             let first = submit_after(table, &[]).unwrap();
             let second = submit_after(table, &[first]).unwrap();
             let third = submit_after(table, &[second]).unwrap();
@@ -1107,7 +1171,7 @@ mod tests {
     #[test]
     fn an_array_is_one_submission_of_consecutive_tasks_each_with_its_index() {
         with_table(|table| {
-            ensure_active_index(table).unwrap();
+            rebuild_indexes(table).unwrap();
             let lone = submit_after(table, &[]).unwrap();
             let spec = JobSpec {
                 name: "sweep".to_string(),
@@ -1148,7 +1212,7 @@ mod tests {
     #[test]
     fn forgetting_takes_only_jobs_ended_before_the_cutoff_with_their_request_ids() {
         with_table(|table| {
-            ensure_active_index(table).unwrap();
+            rebuild_indexes(table).unwrap();
             let spec = JobSpec {
                 command: vec!["true".to_string()],
                 nodes: 1,
@@ -1172,6 +1236,35 @@ mod tests {
             assert_eq!(submit(table, 0, &spec, "u", "recent").unwrap(), recent);
             assert!(submit(table, 0, &spec, "u", "old").unwrap() > waiting);
             assert_eq!(forget(table, 500).unwrap(), 0, "nothing more that old");
+        });
+    }
+
+    #[test]
+    fn a_time_limit_stop_is_checked_again_when_applied() {
+        with_table(|table| {
+            rebuild_indexes(table).unwrap();
+            let id = submit_after(table, &[]).unwrap();
+            let mut job = job(table, id).unwrap().unwrap();
+            // A fresh attempt (placed at 1,000) of a job with a 60 s limit.
+            job.state = JobState::Running as i32;
+            job.attempt_started_ms = 1_000;
+            job.spec.as_mut().unwrap().time_limit_ms = 60_000;
+            put_job(table, &job).unwrap();
+            let op = StopOp {
+                job_id: id,
+                kind: StopKind::StopTimeLimit as i32,
+                reason: "time limit of 1m reached".to_string(),
+            };
+            let early = stop(table, 30_000, op.clone()).unwrap_err();
+            assert!(
+                matches!(&early, Refusal::Refused { message, .. } if message.contains("not running past its time limit")),
+                "{early:?}"
+            );
+            stop(table, 61_001, op).unwrap();
+            assert_eq!(
+                self::job(table, id).unwrap().unwrap().state(),
+                JobState::Failing
+            );
         });
     }
 

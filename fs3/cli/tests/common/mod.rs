@@ -209,7 +209,5 @@ pub async fn assert_replicas_identical(
 
 /// The value of the series named exactly `series` (name and labels) in a `/metrics` text.
 pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series}"))
+    ff_metrics::series_value(text, series).unwrap_or_else(|| panic!("no series {series}"))
 }

@@ -53,7 +53,8 @@ pub struct Fs3ClusterSpec {
     pub targets_per_node: u64,
     /// Replicas per chain for the bootstrapped table.
     pub replication: u32,
-    /// First of a block of [`Fs3ClusterSpec::port_count`] consecutive free loopback ports.
+    /// First of a block of [`Fs3ClusterSpec::port_count`] consecutive free loopback ports; 0:
+    /// chosen by [`Fs3Cluster::start`] for the spec as it is then.
     pub base_port: u16,
     /// meta replicas (0: none; the namespace is then unavailable).
     pub meta_replicas: u64,
@@ -222,11 +223,12 @@ impl Fs3Cluster {
     /// Writes configs (unless present), starts every process, waits for an mgmtd leader and
     /// every storage daemon, bootstraps chain table [`TABLE_ID`] if there is none, and waits
     /// until every chain is fully serving.
-    pub async fn start(spec: Fs3ClusterSpec, timeout: Duration) -> anyhow::Result<Self> {
+    pub async fn start(mut spec: Fs3ClusterSpec, timeout: Duration) -> anyhow::Result<Self> {
         anyhow::ensure!(
             spec.mgmtd_replicas >= 1 && spec.storage_nodes >= 1 && spec.targets_per_node >= 1,
             "a cluster needs at least one mgmtd, one storage daemon and one target"
         );
+        spec.base_port = crate::ports::claim_ports(spec.base_port, spec.port_count())?;
         std::fs::create_dir_all(&spec.dir)?;
         let members: Vec<MemberConfig> = (1..=spec.mgmtd_replicas)
             .map(|id| MemberConfig {

@@ -37,7 +37,8 @@ pub struct HaiClusterSpec {
     pub servers: u64,
     /// Agents: node name and GPUs offered.
     pub agents: Vec<(String, u32)>,
-    /// First of a block of [`HaiClusterSpec::port_count`] consecutive free loopback ports.
+    /// First of a block of [`HaiClusterSpec::port_count`] consecutive free loopback ports; 0:
+    /// chosen by [`HaiCluster::start`].
     pub base_port: u16,
     /// An agent silent this long has its node marked down.
     pub node_lease: Duration,
@@ -156,8 +157,9 @@ fn write_once<C: serde::Serialize>(
 impl HaiCluster {
     /// Writes configs (unless present), starts every process and waits until a leader has
     /// every agent's node up.
-    pub async fn start(spec: HaiClusterSpec, timeout: Duration) -> anyhow::Result<HaiCluster> {
+    pub async fn start(mut spec: HaiClusterSpec, timeout: Duration) -> anyhow::Result<HaiCluster> {
         anyhow::ensure!(spec.servers >= 1, "a cluster needs at least one server");
+        spec.base_port = crate::ports::claim_ports(spec.base_port, spec.port_count())?;
         std::fs::create_dir_all(&spec.log_dir)?;
         if !spec.token_path().exists() {
             std::fs::write(

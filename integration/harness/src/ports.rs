@@ -41,6 +41,33 @@ pub fn free_port_block(count: u16) -> std::io::Result<u16> {
     ))
 }
 
+/// The first of `count` consecutive loopback ports, free right now: those from `base` when
+/// it is given, or (`base` 0) a block chosen by [`free_port_block`] — chosen again, a few
+/// times, if another process takes one of its ports between the choice and this check.
+pub fn claim_ports(base: u16, count: u16) -> anyhow::Result<u16> {
+    let block = |base: u16| -> Vec<String> {
+        (0..count)
+            .map(|i| format!("127.0.0.1:{}", u32::from(base) + u32::from(i)))
+            .collect()
+    };
+    if base != 0 {
+        ensure_free(block(base).iter().map(String::as_str))?;
+        return Ok(base);
+    }
+    let mut attempts = 0;
+    loop {
+        let base = free_port_block(count)?;
+        match ensure_free(block(base).iter().map(String::as_str)) {
+            Ok(()) => return Ok(base),
+            Err(error) if attempts < 4 => {
+                attempts += 1;
+                tracing::debug!(%error, "a chosen port was taken; choosing again");
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// Fails naming the first of `addrs` that cannot be bound (empty entries are skipped): a
 /// daemon that cannot bind would otherwise only show up much later as a missing peer.
 pub fn ensure_free<'a>(addrs: impl IntoIterator<Item = &'a str>) -> anyhow::Result<()> {
@@ -52,4 +79,25 @@ pub fn ensure_free<'a>(addrs: impl IntoIterator<Item = &'a str>) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claimed_block_is_free_and_a_taken_one_is_refused_by_address() {
+        let base = claim_ports(0, 4).unwrap();
+        let held = std::net::TcpListener::bind(("127.0.0.1", base + 2)).unwrap();
+        let error = claim_ports(base, 4).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("127.0.0.1:{} is already in use", base + 2)),
+            "{error}"
+        );
+        drop(held);
+        assert_eq!(claim_ports(base, 4).unwrap(), base);
+        // Chosen blocks never overlap one handed out before in this process.
+        let other = claim_ports(0, 4).unwrap();
+        assert!(other + 4 <= base || base + 4 <= other, "{base} and {other}");
+    }
 }

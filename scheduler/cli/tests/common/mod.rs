@@ -29,7 +29,7 @@ pub async fn cluster_with(
         gpus,
         0,
     );
-    spec.base_port = ff_harness::free_port_block(spec.port_count()).unwrap();
+    // Ports are chosen when the cluster starts.
     adjust(&mut spec);
     let cluster = HaiCluster::start(spec, Duration::from_secs(30))
         .await

@@ -101,12 +101,7 @@ impl StateMachine for HaiMachine {
             }
             Ok(())
         })();
-        match answer {
-            Ok(()) => Ok(result),
-            Err(Refusal::Storage(error)) => Err(error),
-            // Queries refuse nothing; a refusal here is a bug, reported as corruption.
-            Err(Refusal::Refused { message, .. }) => Err(StateMachineError::Corrupt(message)),
-        }
+        answer.map(|()| result).map_err(Refusal::into_storage_error)
     }
 
     fn snapshot(

@@ -70,6 +70,17 @@ pub enum Refusal {
     Storage(StateMachineError),
 }
 
+impl Refusal {
+    /// For work that refuses nothing (queries, rebuilding indexes): storage errors pass, and
+    /// a refusal would be a bug, reported as corruption.
+    pub fn into_storage_error(self) -> StateMachineError {
+        match self {
+            Refusal::Storage(error) => error,
+            Refusal::Refused { message, .. } => StateMachineError::Corrupt(message),
+        }
+    }
+}
+
 impl<E: Into<StateMachineError>> From<E> for Refusal {
     fn from(error: E) -> Self {
         Refusal::Storage(error.into())
@@ -143,10 +154,6 @@ pub fn job(
         Some(bytes) => Ok(Some(decode(bytes.value(), "a job record")?)),
         None => Ok(None),
     }
-}
-
-fn job_state(table: &HaiTable<'_>, id: u64) -> Result<Option<JobState>, Refusal> {
-    Ok(job(table, id)?.map(|j| j.state()))
 }
 
 fn need_job(table: &HaiTable<'_>, id: u64) -> Result<Job, Refusal> {
@@ -243,10 +250,7 @@ pub fn rebuild_indexes(table: &mut HaiTable<'_>) -> Result<(), StateMachineError
         }
         Ok(())
     };
-    rebuild().map_err(|refusal| match refusal {
-        Refusal::Storage(error) => error,
-        Refusal::Refused { message, .. } => StateMachineError::Corrupt(message),
-    })
+    rebuild().map_err(Refusal::into_storage_error)
 }
 
 /// Every job, in id order; ended ones only with `all` (without, only the index of jobs not
@@ -543,11 +547,11 @@ pub fn forget(table: &mut HaiTable<'_>, ended_before_ms: i64) -> Result<u64, Ref
             table.remove(key(JOB_PREFIX, &job.id.to_be_bytes()).as_slice())?;
             // Only if it still names this job (a retry after a retention could have reused it).
             let request = key(REQUEST_PREFIX, job.request_id.as_bytes());
-            let names_this = match table.get(request.as_slice())? {
-                Some(id) => id.value() == job.id.to_be_bytes().as_slice(),
-                None => false,
-            };
-            if !job.request_id.is_empty() && names_this {
+            let names_this = !job.request_id.is_empty()
+                && table
+                    .get(request.as_slice())?
+                    .is_some_and(|id| id.value() == job.id.to_be_bytes().as_slice());
+            if names_this {
                 table.remove(request.as_slice())?;
             }
             forgotten += 1;
@@ -706,10 +710,7 @@ pub fn place(table: &mut HaiTable<'_>, now: i64, op: PlaceOp) -> Result<(), Refu
     let spec = job.spec.clone().unwrap_or_default();
     for dependency in &spec.after {
         // Forgotten (None): ended long ago, and completed, or this job would be cancelled.
-        let done = matches!(
-            job_state(table, *dependency)?,
-            None | Some(JobState::Completed)
-        );
+        let done = self::job(table, *dependency)?.is_none_or(|j| j.state() == JobState::Completed);
         if !done {
             return Err(refuse(
                 code::FAILED_PRECONDITION,

@@ -381,12 +381,8 @@ impl HaiApi {
                 kind: StopKind::StopTimeLimit as i32,
                 reason,
             });
-            match self.propose(stop).await {
-                Ok(_) => stopped += 1,
-                Err(error) if error.code() == Code::FailedPrecondition => {
-                    tracing::debug!(%error, "the job stopped meanwhile");
-                }
-                Err(error) => return Err(error),
+            if self.propose_from_view(stop).await? {
+                stopped += 1;
             }
         }
         if stopped > 0 {
@@ -402,12 +398,8 @@ impl HaiApi {
                 kind: StopKind::StopSuspend as i32,
                 reason,
             });
-            match self.propose(suspend).await {
-                Ok(_) => self.inner.metrics.preemptions.inc(),
-                Err(error) if error.code() == Code::FailedPrecondition => {
-                    tracing::debug!(%error, "the job to preempt stopped meanwhile");
-                }
-                Err(error) => return Err(error),
+            if self.propose_from_view(suspend).await? {
+                self.inner.metrics.preemptions.inc();
             }
         }
         for place in plan.place {
@@ -417,19 +409,28 @@ impl HaiApi {
                 .find(|j| j.id == place.job_id)
                 .map_or(0, |j| now_ms() - j.submitted_ms.max(j.ended_ms));
             tracing::info!(job = place.job_id, attempt = place.attempt, "placing");
-            match self.propose(command::Op::Place(place)).await {
-                Ok(_) => self
-                    .inner
+            if self.propose_from_view(command::Op::Place(place)).await? {
+                self.inner
                     .metrics
                     .queue_wait
-                    .observe(waited.max(0) as f64 / 1000.0),
-                Err(error) if error.code() == Code::FailedPrecondition => {
-                    tracing::debug!(%error, "placement no longer possible");
-                }
-                Err(error) => return Err(error),
+                    .observe(waited.max(0) as f64 / 1000.0);
             }
         }
         Ok(())
+    }
+
+    /// Proposes `op`, decided from a view that may be a few entries old: whether it applied.
+    /// A refusal because the state moved on meanwhile (FAILED_PRECONDITION) is not an error;
+    /// the next round decides again.
+    async fn propose_from_view(&self, op: command::Op) -> Result<bool, Status> {
+        match self.propose(op).await {
+            Ok(_) => Ok(true),
+            Err(error) if error.code() == Code::FailedPrecondition => {
+                tracing::debug!(%error, "the state moved on since the round's view");
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Has the jobs that ended more than `job_retention` before `now` (ms) forgotten, at most

@@ -208,11 +208,10 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
 
     // A job array: one submission, consecutive ids printed one per line, every task with its
     // own index and name.
-    let printed = ok(
+    let tasks = submit_all(
         &cluster,
         None,
         &[
-            "submit",
             "--name",
             "sweep",
             "--array",
@@ -223,9 +222,8 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
             "echo task $HAI_ARRAY_INDEX of $HAI_ARRAY_SIZE from $HAI_ARRAY_FIRST_JOB",
         ],
     );
-    let tasks: Vec<u64> = printed.lines().map(|l| l.trim().parse().unwrap()).collect();
-    assert_eq!(tasks.len(), 3, "{printed}");
-    assert_eq!(tasks[2], tasks[0] + 2, "consecutive: {printed}");
+    assert_eq!(tasks.len(), 3, "{tasks:?}");
+    assert_eq!(tasks[2], tasks[0] + 2, "consecutive: {tasks:?}");
     for (index, task) in tasks.iter().enumerate() {
         let done = wait_state(&cluster, *task, "completed", Duration::from_secs(30)).await;
         assert_eq!(done["name"], format!("sweep[{index}]").as_str(), "{done}");
@@ -237,12 +235,7 @@ async fn jobs_run_as_gangs_wait_fail_and_are_cancelled() {
     }
 
     // An array cancelled as a range of ids, waiting and running tasks alike.
-    let printed = ok(
-        &cluster,
-        None,
-        &["submit", "--array", "3", "--", "sleep", "300"],
-    );
-    let tasks: Vec<u64> = printed.lines().map(|l| l.trim().parse().unwrap()).collect();
+    let tasks = submit_all(&cluster, None, &["--array", "3", "--", "sleep", "300"]);
     wait_state(&cluster, tasks[0], "running", Duration::from_secs(30)).await;
     ok(
         &cluster,

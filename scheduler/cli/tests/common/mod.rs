@@ -67,9 +67,24 @@ pub fn refused(cluster: &HaiCluster, token: Option<&str>, args: &[&str]) -> Stri
 
 /// Submits a job; its id.
 pub fn submit(cluster: &HaiCluster, token: Option<&str>, args: &[&str]) -> u64 {
+    let ids = submit_all(cluster, token, args);
+    assert_eq!(ids.len(), 1, "one job expected: {ids:?}");
+    ids[0]
+}
+
+/// Submits a job or an array (`--array N`); every id printed, in order.
+pub fn submit_all(cluster: &HaiCluster, token: Option<&str>, args: &[&str]) -> Vec<u64> {
     let mut all = vec!["submit"];
     all.extend_from_slice(args);
-    ok(cluster, token, &all).trim().parse().unwrap()
+    let printed = ok(cluster, token, &all);
+    printed
+        .lines()
+        .map(|line| {
+            line.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("not job ids: {printed}"))
+        })
+        .collect()
 }
 
 /// `hai show ID --json`.
